@@ -1,0 +1,28 @@
+"""isofast: fast geometry-preserving (isometric) regularisation for PyTorch decoders.
+
+The regulariser of Lee et al., "Regularized Autoencoders for Isometric Representation Learning"
+(ICLR 2022), and the other measures of the geometry-preserving hierarchy, as a first-order graph:
+fused multi-stream kernels for MLP decoders, forward-mode AD for any other decoder.
+"""
+
+from isofast import backends, metrics
+from isofast.api import IsometricRegularizer, distortion, pullback_metric, relaxed_distortion
+from isofast.measures import MEASURES
+from isofast.mixup import mixup
+from isofast.planning import Plan, plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MEASURES",
+    "IsometricRegularizer",
+    "Plan",
+    "__version__",
+    "backends",
+    "distortion",
+    "metrics",
+    "mixup",
+    "plan",
+    "pullback_metric",
+    "relaxed_distortion",
+]

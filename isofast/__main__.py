@@ -1,0 +1,3 @@
+from isofast.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Argument checks shared by the public API: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ESTIMATORS = ("auto", "exact", "hutchinson")
+
+#: Run value checks that read tensors back to the host (NaN/Inf in ``z``). They are skipped while
+#: torch.compile traces or a CUDA graph captures, where a host read is impossible or a sync.
+check_values = True
+
+
+def _can_read_values() -> bool:
+    if not check_values or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_z(z: object) -> None:
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor of shape (B, m), got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"z must have a floating dtype, got {z.dtype}")
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape (B, m), got {tuple(z.shape)}")
+    if z.shape[0] == 0:
+        raise ValueError("z must hold at least one code, got an empty batch (B = 0)")
+    if z.shape[1] == 0:
+        raise ValueError("z must have a latent width m >= 1, got m = 0")
+    if _can_read_values() and not bool(torch.isfinite(z).all()):
+        raise ValueError("z must be finite, got NaN or Inf entries")
+
+
+def check_eta(eta: object) -> None:
+    if eta is None:
+        return
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be None or a float >= 0, got {eta!r}")
+
+
+def check_generator(generator: object, z: Tensor) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != z.device.type:
+        raise ValueError(f"generator must be on z's device ({z.device.type}), got one on {generator.device.type}")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_probes(probes: object, z: Tensor) -> None:
+    if not isinstance(probes, Tensor):
+        raise TypeError(f"probes must be a torch.Tensor of shape (B, K, m), got {type(probes).__name__}")
+    bsz, m = z.shape
+    if probes.dim() != 3 or probes.shape[0] != bsz or probes.shape[2] != m or probes.shape[1] == 0:
+        raise ValueError(f"probes must have shape (B, K, m) = ({bsz}, K >= 1, {m}), got {tuple(probes.shape)}")
+    if probes.dtype != z.dtype or probes.device != z.device:
+        raise TypeError(
+            f"probes must match z's dtype and device ({z.dtype}, {z.device}), got ({probes.dtype}, {probes.device})"
+        )

@@ -1,0 +1,137 @@
+"""The public regulariser API: distortion measures, the IRVAE loss and the pullback metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from isofast._checks import ESTIMATORS, check_choice, check_eta
+from isofast.generic import generic_hutchinson, generic_pullback
+from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
+from isofast.mixup import mixup
+from isofast.ops import mlp_hutchinson, mlp_pullback
+from isofast.planning import Plan, plan
+
+Decoder = Callable[[Tensor], Tensor]
+
+
+def _metric(p: Plan, decoder: Decoder, z: Tensor) -> Tensor:
+    if p.path == "fused_mlp":
+        return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
+    return generic_pullback(decoder, z)
+
+
+def _stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
+    if p.path == "fused_mlp":
+        return mlp_hutchinson(p.backend_impl, p.spec, z, probes)  # type: ignore[arg-type]
+    return generic_hutchinson(decoder, z, probes)
+
+
+def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
+    """Exact pullback metric ``H_b = J(z_b)^T J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, m)``.
+
+    ``decoder`` maps ``(B, m)`` to ``(B, ...)``; outputs are flattened per sample. Differentiable
+    in ``z`` and the decoder's parameters.
+    """
+    p = plan(decoder, z, measure=None, eta=None)
+    return _metric(p, decoder, z)
+
+
+def distortion(
+    decoder: Decoder,
+    z: Tensor,
+    measure: str = "scaled_isometry",
+    *,
+    eta: float | None = 0.2,
+    estimator: str = "auto",
+    n_probes: int | None = None,
+    probes: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sync: bool | object = False,
+) -> Tensor:
+    """A distortion measure of ``decoder`` on mixup-augmented codes; a 0-d tensor.
+
+    Args:
+        decoder: maps ``(B, m)`` to ``(B, ...)``. MLPs (``nn.Sequential`` of ``nn.Linear`` and
+            elementwise activations) take the fused path, anything else the generic path.
+        z: codes ``(B, m)``; gradients flow back into them (and so into an encoder).
+        measure: ``"scaled_isometry"`` (``mean Tr H^2 / (mean Tr H)^2``, minimum ``1/m``),
+            ``"isometry"`` (``mean Tr (H - I)^2``), ``"conformal"`` (``mean Tr H^2 / (Tr H)^2``),
+            ``"volume"`` (variance of ``logdet H``, exact only) or ``"jacobian_frobenius"``
+            (``mean Tr H``). Means are over the augmented batch.
+        eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``; ``None`` uses ``z`` as given.
+        estimator: ``"exact"`` (H from ``m`` tangent streams), ``"hutchinson"`` (``Tr H = E||Jv||^2``,
+            ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``) or ``"auto"`` (exact for
+            ``m <= isofast.planning.EXACT_MAX_LATENT``).
+        n_probes: Hutchinson probes per sample ``K`` (default 1).
+        probes: explicit Gaussian probes ``(B, K, m)`` for Hutchinson, for reproducibility.
+        generator: drives the mixup and probe draws, on ``z``'s device.
+        sync: ``True`` or a process group to average over the global batch of all ranks.
+
+    Draw order: mixup permutation, mixup coefficients, then probes.
+    """
+    p = plan(decoder, z, measure, eta=eta, estimator=estimator, n_probes=n_probes, probes=probes,
+             generator=generator, sync=sync)
+    z_aug = mixup(z, eta, generator)
+    mean = BatchMean(sync)
+    if p.estimator == "exact":
+        return from_metric(measure, _metric(p, decoder, z_aug), mean)
+    if probes is None:
+        probes = torch.randn(z.shape[0], p.n_probes, z.shape[1], generator=generator, device=z.device, dtype=z.dtype)
+    stats = _stats(p, decoder, z_aug, probes).mean(1)
+    return from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean)
+
+
+def relaxed_distortion(
+    decoder: Decoder,
+    z: Tensor,
+    *,
+    eta: float | None = 0.2,
+    estimator: str = "auto",
+    n_probes: int | None = None,
+    probes: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    sync: bool | object = False,
+) -> Tensor:
+    """IRVAE's loss ``mean_b Tr H_b^2 / (mean_b Tr H_b)^2``: :func:`distortion` with
+    ``measure="scaled_isometry"``. Scale invariant; its minimum ``1/m`` means ``H = c I``."""
+    return distortion(decoder, z, "scaled_isometry", eta=eta, estimator=estimator, n_probes=n_probes,
+                      probes=probes, generator=generator, sync=sync)
+
+
+class IsometricRegularizer(nn.Module):
+    """``weight * distortion(decoder, z, measure, ...)`` as a module, to add to a training loss.
+
+    >>> reg = IsometricRegularizer(weight=1.0)
+    >>> loss = recon_loss + reg(vae.decoder, z)
+    """
+
+    def __init__(
+        self,
+        measure: str = "scaled_isometry",
+        weight: float = 1.0,
+        eta: float | None = 0.2,
+        estimator: str = "auto",
+        n_probes: int | None = None,
+        sync: bool | object = False,
+    ) -> None:
+        super().__init__()
+        check_choice("measure", measure, list(MEASURES))
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_eta(eta)
+        self.measure, self.weight, self.eta = measure, float(weight), eta
+        self.estimator, self.n_probes, self.sync = estimator, n_probes, sync
+
+    def forward(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.weight * distortion(decoder, z, self.measure, eta=self.eta, estimator=self.estimator,
+                                        n_probes=self.n_probes, generator=generator, sync=self.sync)
+
+    def plan(self, decoder: Decoder, z: Tensor) -> Plan:
+        """What :meth:`forward` will do for these arguments."""
+        return plan(decoder, z, self.measure, eta=self.eta, estimator=self.estimator, n_probes=self.n_probes,
+                    sync=self.sync)
+
+    def extra_repr(self) -> str:
+        return f"measure={self.measure!r}, weight={self.weight}, eta={self.eta}, estimator={self.estimator!r}"

@@ -1,0 +1,78 @@
+"""The contract every backend implements: forward and hand-written backward of the fused ops.
+
+Shapes (``B`` batch, ``m`` latent width, ``K`` probes, ``L`` layers, ``d_l`` layer widths):
+
+- ``weights``: ``L`` tensors ``(d_l, d_{l-1})``; ``biases``: ``L`` tensors ``(d_l,)`` or ``None``;
+  ``acts``: ``L`` :class:`~isofast.activations.Activation` records.
+- ``mlp_pullback``: ``z (B, m)`` -> ``H (B, m, m)``, the exact pullback metric ``J^T J``.
+- ``mlp_hutchinson``: ``z (B, m)``, ``probes (B, K, m)`` -> ``stats (B, K, 2)`` with
+  ``stats[..., 0] = ||J v_k||^2`` and ``stats[..., 1] = ||J^T J v_k||^2``.
+
+A forward returns ``(output, saved)``: ``saved`` is a tuple of tensors the autograd function keeps
+for the backward (``ctx.save_for_backward``), whatever the backend needs. A backward returns
+``(grad_z, grad_weights, grad_biases)`` (``grad_biases[l]`` is ``None`` where ``biases[l]`` was).
+Outputs and gradients are in the inputs' dtype; traces and Grams accumulate in fp32 or wider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from isofast.activations import Activation
+
+Grads = tuple[Tensor | None, list[Tensor], list[Tensor | None]]
+
+
+class Backend:
+    """Base class of a backend. Subclasses implement the four op methods."""
+
+    name: str = "base"
+
+    def availability(self) -> tuple[bool, str]:
+        """``(True, "")`` if the backend can run in this process, else ``(False, why)``."""
+        return True, ""
+
+    def supports(self, device: torch.device) -> tuple[bool, str]:
+        """Whether tensors on ``device`` can run here, and why not."""
+        return True, ""
+
+    def mlp_pullback_forward(
+        self, z: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], acts: Sequence[Activation]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def mlp_pullback_backward(
+        self,
+        grad_h: Tensor,
+        weights: Sequence[Tensor],
+        has_bias: Sequence[bool],
+        acts: Sequence[Activation],
+        saved: Sequence[Tensor],
+    ) -> Grads:
+        raise NotImplementedError
+
+    def mlp_hutchinson_forward(
+        self,
+        z: Tensor,
+        probes: Tensor,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor | None],
+        acts: Sequence[Activation],
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def mlp_hutchinson_backward(
+        self,
+        grad_stats: Tensor,
+        weights: Sequence[Tensor],
+        has_bias: Sequence[bool],
+        acts: Sequence[Activation],
+        saved: Sequence[Tensor],
+    ) -> Grads:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<isofast backend {self.name!r}>"

@@ -1,0 +1,93 @@
+"""The distortion measures of the geometry-preserving hierarchy (MATH.md section 2).
+
+Each measure is a function of per-sample statistics of the pullback metric ``H_b``: the traces
+``Tr H_b`` and ``Tr H_b^2`` (all that Hutchinson probes can estimate) or ``H_b`` itself (exact).
+Batch means go through a :class:`BatchMean`, which can all-reduce them across processes so a
+data-parallel loss equals the single-process loss on the global batch.
+
+Degenerate decoders: where a ratio's denominator is zero (a Jacobian that vanishes on the whole
+batch, or at one sample for ``conformal``) the ratio is defined as ``0`` with zero gradient, and
+``volume`` floors eigenvalues at the smallest normal number, so no measure returns NaN.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from isofast import spectral
+
+#: Measure name -> the map class it asks for (also the order docs list them in).
+MEASURES: dict[str, str] = {
+    "scaled_isometry": "H = c I for one global c (IRVAE's relaxed distortion)",
+    "isometry": "H = I",
+    "conformal": "H = c(z) I (local scale)",
+    "volume": "det H = const (scaled volume preserving)",
+    "jacobian_frobenius": "small Tr H (contractive; not geometry preserving)",
+}
+
+#: Measures that need the exact metric ``H`` rather than trace statistics.
+EXACT_ONLY = ("volume",)
+
+
+class BatchMean:
+    """``mean_b x_b`` over the local batch, or over the global batch of all processes.
+
+    ``sync``: ``False`` (local), ``True`` (the default process group) or a process group. The
+    all-reduce is differentiable, so after DDP's gradient averaging every rank holds the gradient
+    of the global-batch loss.
+    """
+
+    def __init__(self, sync: bool | object = False) -> None:
+        self.group = None if sync is False else (dist.group.WORLD if sync is True else sync)
+
+    def __call__(self, *columns: Tensor) -> list[Tensor]:
+        """Means of several ``(B,)`` columns with one collective: returns a list of 0-d tensors."""
+        stacked = torch.stack(columns, dim=1)
+        if self.group is None:
+            return list(stacked.mean(0))
+        from torch.distributed.nn.functional import all_reduce
+
+        count = torch.full((1,), stacked.shape[0], dtype=stacked.dtype, device=stacked.device)
+        total = all_reduce(torch.cat([stacked.sum(0), count]), group=self.group)
+        return list(total[:-1] / total[-1])
+
+
+def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, defined as 0 (with zero gradient) where ``den == 0``."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def from_traces(measure: str, tr: Tensor, tr2: Tensor, m: int, mean: BatchMean) -> Tensor:
+    """The measure from ``Tr H_b`` and ``Tr H_b^2`` (both ``(B,)``, estimated or exact)."""
+    if measure == "scaled_isometry":
+        mean_tr2, mean_tr = mean(tr2, tr)
+        return safe_ratio(mean_tr2, mean_tr * mean_tr)
+    if measure == "isometry":
+        # Tr (H - I)^2 = Tr H^2 - 2 Tr H + m
+        (value,) = mean(tr2 - 2 * tr + m)
+        return value
+    if measure == "conformal":
+        (value,) = mean(safe_ratio(tr2, tr * tr))
+        return value
+    if measure == "jacobian_frobenius":
+        (value,) = mean(tr)
+        return value
+    raise ValueError(f"measure {measure!r} needs the exact metric H, not trace statistics")
+
+
+def from_metric(measure: str, h: Tensor, mean: BatchMean) -> Tensor:
+    """The measure from exact metrics ``H (B, m, m)``."""
+    if measure == "volume":
+        logdet = spectral.logdet(h)
+        (centre,) = mean(logdet)
+        (value,) = mean((logdet - centre) ** 2)
+        return value
+    tr = torch.diagonal(h, dim1=1, dim2=2).sum(-1)
+    tr2 = (h * h).sum((1, 2))  # Tr H^2 = ||H||_F^2 for symmetric H
+    return from_traces(measure, tr, tr2, h.shape[-1], mean)
+
+

@@ -1,0 +1,26 @@
+"""IRVAE's latent sampling distribution P_Z: mixup of each code with a random partner."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from isofast._checks import check_eta, check_generator, check_z
+
+
+def mixup(z: Tensor, eta: float | None = 0.2, generator: torch.Generator | None = None) -> Tensor:
+    """``z_aug (B, m)``: ``alpha_b z_b + (1 - alpha_b) z_perm(b)`` with ``alpha_b ~ U[-eta, 1 + eta]``.
+
+    ``perm`` is a uniformly random permutation of the batch. Draws happen on ``z``'s device with
+    ``generator`` (permutation first, then ``alpha``); ``eta=None`` returns ``z`` unchanged.
+    Differentiable in ``z``, so gradients reach an encoder through both partners.
+    """
+    check_z(z)
+    check_eta(eta)
+    if eta is None:
+        return z
+    check_generator(generator, z)
+    bsz = z.shape[0]
+    perm = torch.randperm(bsz, generator=generator, device=z.device)
+    alpha = torch.rand(bsz, 1, generator=generator, device=z.device, dtype=z.dtype) * (1 + 2 * eta) - eta
+    return alpha * z + (1 - alpha) * z[perm]

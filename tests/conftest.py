@@ -1,0 +1,98 @@
+"""Shared test vocabulary: devices, dtype tolerances, markers and small decoders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+#: Relative tolerances by dtype for comparisons against float64 references.
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+#: Gradient tolerances (looser: gradients accumulate more rounding).
+GRAD_RTOL = {torch.float64: 1e-8, torch.float32: 2e-3}
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+#: Activations the fused MLP path supports, as module factories.
+ACTIVATIONS = {
+    "relu": torch.nn.ReLU,
+    "leaky_relu": lambda: torch.nn.LeakyReLU(0.1),
+    "elu": lambda: torch.nn.ELU(0.7),
+    "silu": torch.nn.SiLU,
+    "softplus": lambda: torch.nn.Softplus(beta=2.0, threshold=3.0),
+    "tanh": torch.nn.Tanh,
+    "sigmoid": torch.nn.Sigmoid,
+    "gelu": torch.nn.GELU,
+    "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+    "identity": torch.nn.Identity,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU-only machines)")
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels through TRITON_INTERPRET=1")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+def make_mlp(
+    widths: list[int],
+    act: str = "relu",
+    out_act: str | None = "sigmoid",
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> torch.nn.Sequential:
+    """An MLP decoder ``widths[0] -> ... -> widths[-1]`` with ``act`` between layers."""
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        last = i == len(widths) - 2
+        name = out_act if last else act
+        if name is not None:
+            layers.append(ACTIVATIONS[name]())
+    return torch.nn.Sequential(*layers).to(dtype)
+
+
+class ConvDecoder(torch.nn.Module):
+    """A small transposed-conv decoder ``(B, m) -> (B, 1, 8, 8)``: exercises the generic path."""
+
+    def __init__(self, m: int = 2, dtype: torch.dtype = torch.float64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = torch.nn.Linear(m, 8 * 2 * 2)
+        self.deconv = torch.nn.Sequential(
+            torch.nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1),
+            torch.nn.Softplus(),
+            torch.nn.ConvTranspose2d(4, 1, 4, stride=2, padding=1),
+            torch.nn.Sigmoid(),
+        )
+        self.to(dtype)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(torch.tanh(self.fc(z)).view(-1, 8, 2, 2))
+
+
+def jacobian_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobians ``(B, D, m)`` by ``torch.autograd.functional.jacobian``, sample by sample."""
+    rows = []
+    for zb in z:
+        j = torch.autograd.functional.jacobian(lambda x: decoder(x[None]).reshape(-1), zb, create_graph=True)
+        rows.append(j)
+    return torch.stack(rows)
+
+
+def pullback_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``H = J^T J`` per sample ``(B, m, m)`` from the brute-force Jacobian (differentiable)."""
+    j = jacobian_brute_force(decoder, z)
+    return j.transpose(1, 2) @ j
