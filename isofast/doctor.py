@@ -26,10 +26,27 @@ def report() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser  # no options yet
+    parser.add_argument("--build", action="store_true", help="build the backends that need building (the C++ extension)")
+    parser.add_argument(
+        "--compile-check", action="store_true",
+        help="compile every kernel for the GPU target without running it; exit 1 on any failure",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
+    failed = False
+    if args.build:
+        for name in backends.REGISTRY:
+            backend = backends.get(name)
+            if backend is not None:
+                ok, msg = backend.build()
+                failed |= not ok
+                print(f"build {name}: {'ok' if ok else 'FAILED'} {msg}")
     print("\n".join(report()))
-    return 0
+    if args.compile_check:
+        for name in backends.REGISTRY:
+            backend = backends.get(name)
+            for kernel, ok, msg in [] if backend is None else backend.compile_check():
+                failed |= not ok
+                print(f"compile {name}:{kernel}: {'ok' if ok else 'FAILED'} {msg}".rstrip())
+    return 1 if failed else 0

@@ -39,6 +39,15 @@ class Backend:
         """Whether tensors on ``device`` can run here, and why not."""
         return True, ""
 
+    def compile_check(self) -> list[tuple[str, bool, str]]:
+        """Compile this backend's kernels without running them (no GPU needed): one
+        ``(kernel, ok, message)`` per kernel. ``isofast doctor --compile-check`` runs it."""
+        return []
+
+    def build(self) -> tuple[bool, str]:
+        """Build whatever the backend needs ahead of time (``isofast doctor --build``)."""
+        return True, "nothing to build"
+
     def mlp_pullback_forward(
         self, z: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], acts: Sequence[Activation]
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
