@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 
 import torch
 
@@ -36,7 +35,9 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
 }
 
-_forced: ContextVar[str | None] = ContextVar("isofast_backend", default=None)
+#: Stack of backends forced by enclosing use() blocks. A plain list rather than a ContextVar
+#: because torch.compile can read a global list but cannot trace ContextVar.get.
+_forced: list[str] = []
 _cache: dict[str, Backend | None] = {}
 
 
@@ -69,20 +70,54 @@ def available() -> dict[str, bool]:
 
 @contextmanager
 def use(name: str) -> Iterator[Backend]:
-    """Force backend ``name`` for fused-path calls inside the block (raises if it cannot run)."""
+    """Force backend ``name`` for fused-path calls inside the block (raises if it cannot run).
+
+    The setting is process-wide (not per thread); blocks nest."""
     ok, why = status(name)
     if not ok:
         raise ValueError(f"backend {name!r} is not available: {why}")
-    token = _forced.set(name)
+    _forced.append(name)
     try:
         yield get(name)  # type: ignore[misc]
     finally:
-        _forced.reset(token)
+        _forced.pop()
+
+
+#: GEMM operand precisions of the compiled backends, for :func:`precision`.
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+#: Stack of precisions set by enclosing precision() blocks (a plain list, like ``_forced``).
+_precision: list[str] = []
+
+
+@contextmanager
+def precision(mode: str) -> Iterator[str]:
+    """GEMM operand precision of the compiled GPU backends inside the block.
+
+    ``"fp32"`` (the default): fp32 operands, ieee fp32 products, fp32 accumulation.
+    ``"tf32"``: tensor-core tf32 operands (about 10 mantissa bits), fp32 accumulation.
+    ``"bf16"``: bf16 operands (8 mantissa bits), fp32 accumulation.
+    Traces, Grams and the loss are always accumulated in fp32. The mode in effect when an op's
+    forward runs is also used by its backward. The torch twin ignores it (its matmuls follow
+    ``torch.backends.cuda.matmul.allow_tf32``). Process-wide (not per thread); blocks nest.
+    """
+    if mode not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {mode!r}")
+    _precision.append(mode)
+    try:
+        yield mode
+    finally:
+        _precision.pop()
+
+
+def current_precision() -> str:
+    """The GEMM precision set by an enclosing :func:`precision` block (``"fp32"`` outside one)."""
+    return _precision[-1] if _precision else "fp32"
 
 
 def forced() -> str | None:
     """The backend forced by an enclosing :func:`use`, if any."""
-    return _forced.get()
+    return _forced[-1] if _forced else None
 
 
 def select(device: torch.device) -> tuple[Backend, str]:
@@ -110,3 +145,4 @@ def select(device: torch.device) -> tuple[Backend, str]:
 
 
 __all__ = ["Backend", "REGISTRY", "AUTO_ORDER", "available", "forced", "get", "select", "status", "use"]
+__all__ += ["PRECISIONS", "current_precision", "precision"]
