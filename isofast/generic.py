@@ -14,11 +14,13 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
+from isofast.backends.base import acc_dtype
+
 Decoder = Callable[[Tensor], Tensor]
 
 
 def _acc(x: Tensor) -> Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.to(acc_dtype(x.dtype))
 
 
 def _tangent_images(decoder: Decoder, z: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,7 +49,7 @@ def generic_pullback(decoder: Decoder, z: Tensor) -> Tensor:
     basis = torch.eye(m, dtype=z.dtype, device=z.device).expand(bsz, m, m)
     _, _, jt = _tangent_images(decoder, z, basis)
     jt = _acc(jt)
-    return (jt @ jt.transpose(1, 2)).to(z.dtype)
+    return jt @ jt.transpose(1, 2)
 
 
 def generic_hutchinson(decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
@@ -58,4 +60,4 @@ def generic_hutchinson(decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
         (jtjv,) = torch.autograd.grad(primal, z_rep, jv.reshape(bsz * k, -1), create_graph=True)
     return torch.stack(
         [_acc(jv).square().sum(-1), _acc(jtjv).reshape(bsz, k, -1).square().sum(-1)], dim=-1
-    ).to(z.dtype)
+    )

@@ -150,3 +150,15 @@ def test_compiled_training_step_matches_eager() -> None:
     assert torch.allclose(eager_loss, compiled_loss, rtol=1e-5)
     for a, b in zip(eager_grads, compiled_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_decoder_accumulates_in_float32() -> None:
+    dec = make_mlp([2, 16, 12], dtype=torch.bfloat16, seed=5)
+    ref = make_mlp([2, 16, 12], dtype=torch.float64, seed=5)
+    z = torch.randn(8, 2, dtype=torch.float64)
+    h = isofast.pullback_metric(dec, z.bfloat16())
+    loss = isofast.relaxed_distortion(dec, z.bfloat16(), eta=None)
+    assert h.dtype == torch.float32 and loss.dtype == torch.float32
+    assert abs(float(loss) / float(isofast.relaxed_distortion(ref, z, eta=None)) - 1) < 0.05
+    loss.backward()
+    assert dec[0].weight.grad.dtype == torch.bfloat16

@@ -11,7 +11,9 @@ Shapes (``B`` batch, ``m`` latent width, ``K`` probes, ``L`` layers, ``d_l`` lay
 A forward returns ``(output, saved)``: ``saved`` is a tuple of tensors the autograd function keeps
 for the backward (``ctx.save_for_backward``), whatever the backend needs. A backward returns
 ``(grad_z, grad_weights, grad_biases)`` (``grad_biases[l]`` is ``None`` where ``biases[l]`` was).
-Outputs and gradients are in the inputs' dtype; traces and Grams accumulate in fp32 or wider.
+Outputs (``H``, ``stats``) are in the accumulation dtype, :func:`acc_dtype` of the inputs'
+(float32 for half, bfloat16 and float32 inputs, float64 for float64): traces and Grams are never
+rounded to half precision. Gradients are in the dtypes of the tensors they belong to.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import torch
 from torch import Tensor
 
 from isofast.activations import Activation
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype traces, Grams and losses accumulate in: float32 or wider (MATH.md section 7)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 Grads = tuple[Tensor | None, list[Tensor], list[Tensor | None]]
 

@@ -14,14 +14,9 @@ import torch
 from torch import Tensor
 
 from isofast.activations import Activation
-from isofast.backends.base import Backend, Grads
+from isofast.backends.base import Backend, Grads, acc_dtype
 
 _EMPTY = torch.empty(0)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Traces and Grams accumulate in fp32 or wider."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def stream_forward(
@@ -90,7 +85,7 @@ def _identity_seeds(z: Tensor) -> Tensor:
 
 def _gram(t: Tensor) -> Tensor:
     """``G[b, k, l] = <t[k, b], t[l, b]>`` for ``t (K, B, D)``, accumulated in fp32 or wider."""
-    acc = t.to(_acc_dtype(t.dtype)).permute(1, 0, 2)
+    acc = t.to(acc_dtype(t.dtype)).permute(1, 0, 2)
     return acc @ acc.transpose(1, 2)
 
 
@@ -100,7 +95,7 @@ class TorchBackend(Backend):
     def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
         s, layers = stream_forward(_identity_seeds(z), weights, biases, acts)
         t = s[1:]
-        return _gram(t).to(z.dtype), (*layers, t)
+        return _gram(t), (*layers, t)
 
     def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
         *layers, t = saved
@@ -121,9 +116,9 @@ class TorchBackend(Backend):
             d1 = acts[l].derivatives(layers[3 * l + 1], order=1)[1]
             c = (d1.unsqueeze(0) * c) @ weights[l]
         chain.reverse()
-        acc = _acc_dtype(z.dtype)
+        acc = acc_dtype(z.dtype)
         stats = torch.stack([t.to(acc).square().sum(-1), c.to(acc).square().sum(-1)], dim=-1)
-        return stats.transpose(0, 1).to(z.dtype), (*layers, *chain, t, c)
+        return stats.transpose(0, 1), (*layers, *chain, t, c)
 
     def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved):  # type: ignore[override]
         n_layers = len(weights)
