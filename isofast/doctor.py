@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
                 ok, msg = backend.build()
                 failed |= not ok
                 print(f"build {name}: {'ok' if ok else 'FAILED'} {msg}")
+        backends.refresh()
     print("\n".join(report()))
     if args.compile_check:
         for name in backends.REGISTRY:

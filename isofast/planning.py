@@ -135,7 +135,7 @@ def plan(
             {"path": f"generic: {path_why}", "backend": "torch: the generic path uses PyTorch forward-mode AD",
              "estimator": est_why},
         )
-    impl, backend_why = backends.select(z.device)
+    impl, backend_why = backends.select(z.device, z.dtype)
     return Plan(
         "fused_mlp", impl.name, chosen, k, measure,
         {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why},

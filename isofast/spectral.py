@@ -92,6 +92,21 @@ _IMPL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+_compiled_checked = False
+
+
+def _use_compiled() -> None:
+    """On the first call of any op, install the compiled extension's kernels into :data:`_IMPL`
+    if the extension is already built (:func:`isofast._spectral_ext.install`; never compiles).
+    ``ISOFAST_NO_EXT=1`` keeps the torch implementations."""
+    global _compiled_checked
+    if not _compiled_checked:
+        _compiled_checked = True
+        from isofast import _spectral_ext
+
+        _spectral_ext.install(_IMPL)
+
+
 def eigvalsh(H: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of each symmetric matrix, in ascending order.
 
@@ -102,6 +117,7 @@ def eigvalsh(H: torch.Tensor) -> torch.Tensor:
         ``(B, m)`` eigenvalues ``lambda_1 <= ... <= lambda_m``, in ``H``'s dtype.
     """
     _check(H)
+    _use_compiled()
     return _IMPL["eigvalsh"](H)
 
 
@@ -122,6 +138,7 @@ def logdet(H: torch.Tensor) -> torch.Tensor:
         ``(B,)`` log-determinants, in ``H``'s dtype.
     """
     _check(H)
+    _use_compiled()
     return _IMPL["logdet"](H)
 
 
@@ -138,6 +155,7 @@ def condition_numbers(H: torch.Tensor) -> torch.Tensor:
         ``(B,)`` condition numbers ``>= 1`` (or ``inf``), in ``H``'s dtype.
     """
     _check(H)
+    _use_compiled()
     return _IMPL["condition_numbers"](H)
 
 
@@ -161,4 +179,5 @@ def airm_sq_to_mean(H: torch.Tensor) -> torch.Tensor:
         ``(B,)`` non-negative squared distances, in ``H``'s dtype.
     """
     _check(H)
+    _use_compiled()
     return _IMPL["airm_sq_to_mean"](H)

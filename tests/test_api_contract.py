@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import ConvDecoder, make_mlp
@@ -126,8 +128,12 @@ def test_generic_decoder_with_wrong_batch_size() -> None:
 
 
 # --- torch.compile ---------------------------------------------------------------------------------
-def test_compiled_training_step_matches_eager() -> None:
-    """The fused path is a first-order graph, so torch.compile can trace the whole step."""
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_compiled_training_step_matches_eager(backend: str) -> None:
+    """The fused path is a first-order graph, so torch.compile traces the whole step.
+
+    The torch twin compiles into one graph (``fullgraph=True``); a compiled extension backend is
+    an opaque call, so the step compiles with a graph break around it."""
     torch._dynamo.reset()
     enc = torch.nn.Linear(6, 2)
     dec = make_mlp([2, 16, 16, 6], act="softplus", dtype=torch.float32, seed=3)
@@ -145,8 +151,11 @@ def test_compiled_training_step_matches_eager() -> None:
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in [*enc.parameters(), *dec.parameters()]]
 
-    eager_loss, eager_grads = grads(step)
-    compiled_loss, compiled_grads = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+    forced = backends.use("torch") if backend == "torch" else contextlib.nullcontext()
+    with forced:
+        eager_loss, eager_grads = grads(step)
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=backend == "torch")
+        compiled_loss, compiled_grads = grads(compiled)
     assert torch.allclose(eager_loss, compiled_loss, rtol=1e-5)
     for a, b in zip(eager_grads, compiled_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

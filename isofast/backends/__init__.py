@@ -39,6 +39,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 #: because torch.compile can read a global list but cannot trace ContextVar.get.
 _forced: list[str] = []
 _cache: dict[str, Backend | None] = {}
+_status: dict[str, tuple[bool, str]] = {}
 
 
 def get(name: str) -> Backend | None:
@@ -56,11 +57,20 @@ def get(name: str) -> Backend | None:
 
 
 def status(name: str) -> tuple[bool, str]:
-    """``(available, reason)`` for one backend; the reason says what is missing."""
-    backend = get(name)
-    if backend is None:
-        return False, "not part of this build"
-    return backend.availability()
+    """``(available, reason)`` for one backend; the reason says what is missing.
+
+    Answers are cached for the process (plan() asks on every call, and torch.compile traces a
+    dict lookup where it could not trace an extension loader); :func:`refresh` forgets them.
+    """
+    if name not in _status:
+        backend = get(name)
+        _status[name] = (False, "not part of this build") if backend is None else backend.availability()
+    return _status[name]
+
+
+def refresh() -> None:
+    """Forget cached availability, e.g. after building the C++ extension in this process."""
+    _status.clear()
 
 
 def available() -> dict[str, bool]:
@@ -120,13 +130,13 @@ def forced() -> str | None:
     return _forced[-1] if _forced else None
 
 
-def select(device: torch.device) -> tuple[Backend, str]:
-    """The backend the fused path takes for tensors on ``device``, and why."""
+def select(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[Backend, str]:
+    """The backend the fused path takes for tensors of ``dtype`` on ``device``, and why."""
     name = forced()
     if name is not None:
         backend = get(name)
         assert backend is not None  # use() checked it
-        ok, why = backend.supports(device)
+        ok, why = backend.supports(device, dtype)
         if not ok:
             raise ValueError(f"backend {name!r} (forced by isofast.backends.use) cannot run here: {why}")
         return backend, f"forced by isofast.backends.use({name!r})"
@@ -136,13 +146,15 @@ def select(device: torch.device) -> tuple[Backend, str]:
         if ok:
             backend = get(name)
             assert backend is not None
-            ok, why = backend.supports(device)
+            ok, why = backend.supports(device, dtype)
         if ok:
             note = f" ({'; '.join(skipped)})" if skipped else ""
-            return backend, f"first available for {device.type} tensors{note}"  # type: ignore[return-value]
+            return backend, f"first available for {device.type} {str(dtype).removeprefix('torch.')} tensors{note}"  # type: ignore[return-value]
         skipped.append(f"{name}: {why}")
     raise AssertionError("the torch backend supports every device")  # pragma: no cover
 
 
-__all__ = ["Backend", "REGISTRY", "AUTO_ORDER", "available", "forced", "get", "select", "status", "use"]
-__all__ += ["PRECISIONS", "current_precision", "precision"]
+__all__ = [
+    "AUTO_ORDER", "PRECISIONS", "REGISTRY", "Backend", "available", "current_precision", "forced", "get",
+    "precision", "refresh", "select", "status", "use",
+]

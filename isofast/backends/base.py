@@ -42,8 +42,8 @@ class Backend:
         """``(True, "")`` if the backend can run in this process, else ``(False, why)``."""
         return True, ""
 
-    def supports(self, device: torch.device) -> tuple[bool, str]:
-        """Whether tensors on ``device`` can run here, and why not."""
+    def supports(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+        """Whether tensors of ``dtype`` on ``device`` can run here, and why not."""
         return True, ""
 
     def compile_check(self) -> list[tuple[str, bool, str]]:

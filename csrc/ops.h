@@ -1,0 +1,38 @@
+// Declarations of the extension's host-side ops (implemented in mlp_cpu.cpp, spectral_cpu.cpp
+// and, in CUDA builds, cuda_ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace isofast {
+
+using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
+
+// Activation records of the layers: kind codes and the two parameters (0 where unused).
+struct ActList {
+  std::vector<int64_t> codes;
+  std::vector<double> p0, p1;
+};
+
+std::tuple<Tensor, std::vector<Tensor>> mlp_pullback_forward(
+    const Tensor& z, const std::vector<Tensor>& weights, const std::vector<OptTensor>& biases, const ActList& acts);
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_pullback_backward(
+    const Tensor& grad_h, const std::vector<Tensor>& weights, const std::vector<bool>& has_bias, const ActList& acts,
+    const std::vector<Tensor>& saved);
+std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
+    const Tensor& z, const Tensor& probes, const std::vector<Tensor>& weights, const std::vector<OptTensor>& biases,
+    const ActList& acts);
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_backward(
+    const Tensor& grad_stats, const std::vector<Tensor>& weights, const std::vector<bool>& has_bias,
+    const ActList& acts, const std::vector<Tensor>& saved);
+
+Tensor spectral_eigvalsh(const Tensor& H);
+std::tuple<Tensor, Tensor> spectral_logdet(const Tensor& H, bool with_grad);
+Tensor spectral_condition_numbers(const Tensor& H);
+Tensor spectral_airm_sq_to_mean(const Tensor& H);
+
+}  // namespace isofast

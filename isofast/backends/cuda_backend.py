@@ -1,0 +1,156 @@
+"""The ``"cuda"`` backend: CUDA kernels of the compiled extension (``csrc/cuda/*.cu``).
+
+- exact ``mlp_pullback``: ATen GEMMs over the stacked ``(1 + K) B`` rows with the extension's
+  fused CUDA epilogue (bias, activation, ``s'(p)`` gating) and backward prologue (``s''`` terms),
+  and the per-sample Gram reduced by a CUDA kernel;
+- ``mlp_hutchinson``: the torch twin's math (ATen GEMMs and elementwise ops) on CUDA tensors;
+- the batched spectral ops (see :mod:`isofast._spectral_ext`) and the generic path's reductions
+  (:meth:`CudaBackend.gram`, :meth:`CudaBackend.sqnorm`).
+
+Available only when the extension was compiled with its CUDA sources (a CUDA build of torch and
+a CUDA toolkit, or ``ISOFAST_BUILD_CUDA=1``) and a CUDA device is present.
+:meth:`CudaBackend.compile_check` compiles every ``.cu`` with ``nvcc`` for ``sm_90`` without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+from isofast import _ext
+from isofast.backends.cpu_backend import act_args
+from isofast.backends.torch_backend import TorchBackend
+
+#: GPU target of :meth:`CudaBackend.compile_check`.
+COMPILE_CHECK_ARCH = "sm_90"
+
+
+def find_nvcc() -> str | None:
+    """``nvcc`` from ``$CUDA_HOME`` / ``$CUDA_PATH``, the ``PATH``, or ``/usr/local/cuda``."""
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(env)
+        if root and (Path(root) / "bin" / "nvcc").exists():
+            return str(Path(root) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
+
+
+def _torch_includes() -> list[str]:
+    root = Path(torch.__file__).resolve().parent / "include"
+    return [str(root), str(root / "torch" / "csrc" / "api" / "include")]
+
+
+class CudaBackend(TorchBackend):
+    name = "cuda"
+
+    def availability(self) -> tuple[bool, str]:
+        module, why = _ext.load()
+        if module is None:
+            return False, why
+        if not dict(module.build_info()).get("cuda"):
+            return False, ("the compiled extension has no CUDA kernels (built without a CUDA toolkit or a CUDA "
+                           "build of torch; rebuild with ISOFAST_BUILD_CUDA=1)")
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, ""
+
+    def supports(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+        if torch.device(device).type != "cuda":
+            return False, f"the cuda backend runs CUDA tensors only, got device {device}"
+        if dtype not in (torch.float32, torch.float64):
+            return False, f"the cuda backend runs float32 and float64, got {dtype}"
+        return True, ""
+
+    def build(self) -> tuple[bool, str]:
+        return _ext.build()
+
+    def compile_check(self) -> list[tuple[str, bool, str]]:
+        """Compile each ``csrc/cuda/*.cu`` to an object with ``nvcc -c --std=c++17 -arch=sm_90``."""
+        sources = [_ext.CSRC / s for s in _ext.CUDA_SOURCES]
+        nvcc = find_nvcc()
+        if nvcc is None:
+            return [(s.name, True, "skipped: nvcc not found") for s in sources]
+        results = []
+        includes = [str(_ext.CSRC), *_torch_includes(), sysconfig.get_paths()["include"]]
+        with tempfile.TemporaryDirectory(prefix="isofast-nvcc-") as tmp:
+            for src in sources:
+                if not src.exists():
+                    results.append((src.name, False, f"source missing: {src.name}"))
+                    continue
+                cmd = [nvcc, "-c", "--std=c++17", f"-arch={COMPILE_CHECK_ARCH}", "-O3", str(src),
+                       "-o", str(Path(tmp) / (src.stem + ".o"))]
+                cmd += [f"-I{p}" for p in includes]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    results.append((src.name, False, f"nvcc did not run: {exc}"))
+                    continue
+                ok = proc.returncode == 0
+                msg = (proc.stderr or proc.stdout).strip()
+                results.append((src.name, ok, f"nvcc -arch={COMPILE_CHECK_ARCH}" if ok else msg[-2000:]))
+        return results
+
+    # --- generic-path reductions -------------------------------------------------------------
+
+    @staticmethod
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        """``G[b] = x[b] x[b]^T`` for tangent images ``x (B, K, D)`` (float32/float64, CUDA)."""
+        return _ext.get().cuda_gram(x)
+
+    @staticmethod
+    def sqnorm(x: torch.Tensor) -> torch.Tensor:
+        """``||x[b, k]||^2`` for ``x (B, K, D)`` (float32/float64, CUDA)."""
+        return _ext.get().cuda_sqnorm(x)
+
+    # --- exact pullback: ATen GEMMs + fused CUDA epilogues -----------------------------------
+
+    def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
+        ext = _ext.get()
+        codes, p0, p1 = act_args(acts)
+        bsz, m = z.shape
+        eye = torch.eye(m, dtype=z.dtype, device=z.device).unsqueeze(1).expand(m, bsz, m)
+        s = torch.cat([z.unsqueeze(0), eye], dim=0).reshape((m + 1) * bsz, m)
+        saved: list[torch.Tensor] = []
+        n_layers = len(weights)
+        for l, (w, b) in enumerate(zip(weights, biases)):
+            a = s @ w.t()
+            saved += [s, a]
+            s = ext.cuda_forward_epilogue(a, b, m, codes[l], p0[l], p1[l], l + 1 < n_layers)
+        t = s[bsz:].view(m, bsz, -1).transpose(0, 1).contiguous()  # (B, K, D)
+        return ext.cuda_gram(t), (*saved, t)
+
+    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
+        ext = _ext.get()
+        codes, p0, p1 = act_args(acts)
+        *layers, t = saved
+        bsz, m, d_out = t.shape
+        sym = (grad_h + grad_h.transpose(1, 2)).to(t.dtype)
+        sb = torch.zeros((m + 1) * bsz, d_out, dtype=t.dtype, device=t.device)
+        sb[bsz:] = torch.einsum("bkl,bld->kbd", sym, t).reshape(m * bsz, d_out)
+        n_layers = len(weights)
+        grad_w: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+        grad_b: list[torch.Tensor | None] = [None] * n_layers
+        grad_z = None
+        for l in reversed(range(n_layers)):
+            x, a = layers[2 * l], layers[2 * l + 1]
+            ext.cuda_backward_prologue(a, sb, None, m, codes[l], p0[l], p1[l])
+            grad_w[l] = sb.t() @ x
+            if has_bias[l]:
+                grad_b[l] = sb[:bsz].sum(0)
+            if l > 0:
+                sb = sb @ weights[l]
+            else:
+                grad_z = sb[:bsz] @ weights[0]
+        return grad_z, grad_w, grad_b
+
+
+BACKEND = CudaBackend()

@@ -1,0 +1,237 @@
+"""The ``"triton"`` backend: the fused MLP ops as Triton kernels (package ``isofast.kernels``).
+
+Runs on CUDA tensors when Triton and a CUDA device are present, and on CPU tensors only under
+Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is how the test
+suite checks the kernels without a GPU.
+
+- dtypes: fp32, bf16 and fp16 tensors run the kernels (loads upcast to fp32, fp32 accumulation;
+  ``H`` and the statistics are returned in fp32, gradients in their tensors' dtypes); fp64 tensors are not supported
+  (``supports`` says so and ``plan`` picks the torch twin, exact in fp64).
+- GEMM operand precision: :func:`isofast.backends.precision` (``"fp32"`` default, ``"tf32"``,
+  ``"bf16"``); the mode of the forward is recorded in ``saved`` and reused by the backward.
+- No host-device synchronisation: shapes decide every launch, so a whole training step can be
+  captured in a CUDA graph. Weight gradients accumulate with fp32 atomics (not bitwise
+  deterministic from run to run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from isofast.activations import KINDS, Activation
+from isofast.backends.base import Backend, Grads
+
+#: ``saved[-1]`` is a marker whose length is the forward's GEMM precision code, reused by the backward.
+_MARKERS: dict[int, Tensor] = {}
+
+
+def _marker(code: int) -> Tensor:
+    if code not in _MARKERS:
+        _MARKERS[code] = torch.empty(code)
+    return _MARKERS[code]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    """The kernel package: ``isofast.kernels`` when installed, else the source tree's ``kernels``."""
+    try:
+        return importlib.import_module("isofast.kernels")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("isofast.kernels",):
+            raise
+        return importlib.import_module("kernels")
+
+
+def _prec_code() -> int:
+    from isofast.backends import current_precision
+
+    return ("fp32", "tf32", "bf16").index(current_precision())
+
+
+def _contig(ts: Sequence[Tensor | None]) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in ts]
+
+
+def _cast_grads(grad_z: Tensor, wgrads: list[Tensor], bgrads: list[Tensor | None], weights: Sequence[Tensor],
+                dtype: torch.dtype) -> Grads:
+    return (
+        grad_z.to(dtype),
+        [g.to(w.dtype) for g, w in zip(wgrads, weights)],
+        [None if g is None else g.to(w.dtype) for g, w in zip(bgrads, weights)],
+    )
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    # ---------------------------------------------------------------- availability
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False, "triton is not installed (pip install triton)"
+        try:
+            _kernels()
+        except ModuleNotFoundError as exc:
+            return False, f"the Triton kernels are not part of this build ({exc.name} missing)"
+        if _interpreting():
+            return True, "through the Triton interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors)"
+        return True, ""
+
+    def supports(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+        if dtype == torch.float64:
+            # fp64 GEMMs gain nothing from Triton: the torch twin is exact there, and plan() says so.
+            return False, "float64 runs on the torch twin (Triton kernels are for fp32/bf16/fp16)"
+        if device.type == "cuda":
+            return (True, "") if torch.cuda.is_available() else (False, "no CUDA device")
+        if device.type == "cpu":
+            if _interpreting():
+                return True, ""
+            return False, "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1"
+        return False, f"Triton kernels do not run on {device.type} tensors"
+
+    # ---------------------------------------------------------------- ops
+
+    def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
+        k = _kernels()
+        prec = _prec_code()
+        gram, saved = k.mlp_pullback.mlp_pullback_forward(
+            z.contiguous(), _contig(weights), _contig(biases), acts, prec
+        )
+        return gram, (*saved, _marker(prec))  # fp32: the accumulation dtype (base.acc_dtype)
+
+    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
+        *saved, marker = saved
+        k = _kernels()
+        grad_z, wg, bg = k.mlp_pullback.mlp_pullback_backward(
+            grad_h.contiguous(), _contig(weights), has_bias, acts, saved, marker.shape[0]
+        )
+        return _cast_grads(grad_z, wg, bg, weights, weights[0].dtype)
+
+    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts):  # type: ignore[override]
+        k = _kernels()
+        prec = _prec_code()
+        stats, saved = k.mlp_hutchinson.mlp_hutchinson_forward(
+            z.contiguous(), probes.to(z.dtype).contiguous(), _contig(weights), _contig(biases), acts, prec
+        )
+        return stats, (*saved, _marker(prec))  # fp32: the accumulation dtype (base.acc_dtype)
+
+    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved):  # type: ignore[override]
+        *saved, marker = saved
+        k = _kernels()
+        grad_z, wg, bg = k.mlp_hutchinson.mlp_hutchinson_backward(
+            grad_stats.contiguous(), _contig(weights), has_bias, acts, saved, marker.shape[0]
+        )
+        return _cast_grads(grad_z, wg, bg, weights, weights[0].dtype)
+
+    # ---------------------------------------------------------------- ahead-of-time compilation
+
+    def compile_check(self) -> list[tuple[str, bool, str]]:
+        """Compile every kernel specialisation in :func:`compile_specs` for an sm_90 (H100) target
+        with ``triton.compile`` (down to a cubin through the ptxas that Triton ships); no GPU needed."""
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return [("triton", False, f"triton is not importable: {exc}")]
+        if _interpreting():
+            return [("triton", False, "TRITON_INTERPRET=1 is set: unset it to compile for the GPU target")]
+        results = []
+        for label, kernel, signature, constexprs in compile_specs():
+            results.append((label, *_compile_one(kernel, signature, constexprs)))
+        return results
+
+
+#: Pointer arguments that are fp32 whatever the tensors' dtype (accumulators and statistics).
+_FP32_POINTERS = {"stats_ptr", "gram_ptr", "wgrad_ptr", "bgrad_ptr", "px_ptr"}
+#: Scalar arguments that are floats (activation parameters); every other scalar is an i32.
+_FLOAT_SCALARS = {"P0", "P1"}
+
+
+def _signature(kernel, dtype: str, constexprs: dict[str, object]) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{dtype}"
+        else:
+            sig[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+    return sig
+
+
+def compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
+    """``(label, kernel, signature, constexprs)`` of the specialisations ``compile_check`` builds:
+    every kernel with every activation (fp32 storage, ieee fp32 GEMMs), and every kernel with tf32
+    and bf16 GEMM operands and with bf16 storage."""
+    k = _kernels()
+    ms, pb, hu = k.mlp_stream, k.mlp_pullback, k.mlp_hutchinson
+    ns, nsp, bm = 3, 4, 16  # exact mode at m = 2: 64 stacked rows, as on the GPU
+
+    def fwd(act, prec):
+        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, SAVE_P=True, SAVE_T=True, STATS=True,
+                    BM=bm, BN=64, BK=32, PREC=prec)
+
+    def dgrad(act, prec):
+        return dict(NS=ns, NSP=nsp, ACT=act, PRO=ms.PRO_STREAM, HAS_T=True, HAS_PX=True, PRIMAL_ONLY=False,
+                    STATS=True, BM=bm, BJ=64, BK=32, PREC=prec)
+
+    def wgrad(act, prec):
+        return dict(NS=ns, NSP=nsp, ACT=act, PRO=ms.PRO_STREAM, HAS_T=True, HAS_PX=True, HAS_BIAS=True,
+                    BM=bm, BN=64, BJ=64, PREC=prec)
+
+    def gram(act, prec):
+        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, BM=bm, BN=64, BK=32, PREC=prec)
+
+    def gram_bwd(act, prec):
+        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, HAS_D2=True, BM=bm, BN=64, BK=32, PREC=prec)
+
+    def chain_bwd(act, prec):
+        return dict(NS=2, NSP=2, ACT=act, HAS_D2=True, LAST=True, BM=32, BN=64, BK=32, PREC=prec)
+
+    table = [
+        ("mlp_stream_fwd", ms.mlp_stream_fwd_kernel, fwd),
+        ("mlp_stream_dgrad", ms.mlp_stream_dgrad_kernel, dgrad),
+        ("mlp_stream_wgrad", ms.mlp_stream_wgrad_kernel, wgrad),
+        ("mlp_pullback_gram", pb.mlp_pullback_gram_kernel, gram),
+        ("mlp_pullback_gram_bwd", pb.mlp_pullback_gram_bwd_kernel, gram_bwd),
+        ("mlp_hutchinson_chain_bwd", hu.mlp_hutchinson_chain_bwd_kernel, chain_bwd),
+    ]
+    specs = []
+    for label, kernel, make in table:
+        for code, kind in enumerate(KINDS):
+            c = make(code, 0)
+            specs.append((f"{label}[{kind},fp32]", kernel, _signature(kernel, "fp32", c), c))
+        for prec, dtype, tag in ((1, "fp32", "tf32"), (2, "fp32", "bf16-gemm"), (2, "bf16", "bf16")):
+            c = make(KINDS.index("sigmoid"), prec)
+            specs.append((f"{label}[sigmoid,{tag}]", kernel, _signature(kernel, dtype, c), c))
+    return specs
+
+
+def _compile_one(kernel, signature: dict[str, str], constexprs: dict[str, object]) -> tuple[bool, str]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except Exception as exc:  # noqa: BLE001 - report any compiler failure as a failed check
+        first = str(exc).strip().splitlines()
+        return False, f"{type(exc).__name__}: {first[0] if first else ''}"[:300]
+    meta = compiled.metadata
+    cubin = compiled.asm.get("cubin", b"")
+    return True, f"sm_90 cubin {len(cubin)} B, {getattr(meta, 'shared', 0)} B shared, {meta.num_warps} warps"
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,216 @@
+"""The ``"cpu"`` backend (C++ extension) against the torch twin, brute force, gradcheck and the
+official IRVAE estimator.
+
+Skipped when the extension is not built, unless ``ISOFAST_REQUIRE_EXT`` is set (CI): then a
+missing or broken build FAILS these tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, pullback_brute_force
+
+import isofast
+from isofast import _ext, backends
+from isofast.backends import torch_backend
+from isofast.baselines import official_relaxed_distortion
+from isofast.mlp import extract_mlp
+from isofast.ops import mlp_hutchinson, mlp_pullback
+
+
+@pytest.fixture(autouse=True)
+def cpu_ext():
+    ok, why = backends.status("cpu")
+    if not ok:
+        if os.environ.get("ISOFAST_REQUIRE_EXT"):
+            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the cpu backend is unavailable: {why}")
+        pytest.skip(f"compiled extension not built: {why}")
+    return backends.get("cpu")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
+    scale = b.abs().max().clamp_min(1e-30)
+    err = ((a - b).abs().max() / scale).item()
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
+
+
+def _run(backend, spec, z, probes, seed=1):
+    """Values and gradients (z and every parameter) of both ops for random output cotangents."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [z] + [p for p in spec.params() if p is not None]
+    h = mlp_pullback(backend, spec, z)
+    gh = torch.randn(h.shape, generator=gen, dtype=h.dtype)
+    st = mlp_hutchinson(backend, spec, z, probes)
+    gs = torch.randn(st.shape, generator=gen, dtype=st.dtype)
+    return [h, *torch.autograd.grad((h * gh).sum(), params), st, *torch.autograd.grad((st * gs).sum(), params)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("widths", [[3, 7, 5, 6], [2, 9], [2, 16, 16, 12]])
+def test_matches_torch_twin(cpu_ext, act, dtype, widths):
+    dec = make_mlp(widths, act=act, out_act="sigmoid" if act != "identity" else None, dtype=dtype, seed=3)
+    spec, _ = extract_mlp(dec)
+    torch.manual_seed(0)
+    z = torch.randn(5, widths[0], dtype=dtype, requires_grad=True)
+    probes = torch.randn(5, 3, widths[0], dtype=dtype)
+    ref = _run(torch_backend.BACKEND, spec, z, probes)
+    got = _run(cpu_ext, spec, z, probes)
+    n = len(ref) // 2
+    for i, (a, b) in enumerate(zip(got, ref)):
+        _close(a, b, (RTOL if i in (0, n) else GRAD_RTOL)[dtype] * 10)
+
+
+def test_no_bias_and_single_layer(cpu_ext):
+    dec = torch.nn.Sequential(torch.nn.Linear(3, 6, bias=False), torch.nn.Tanh(), torch.nn.Linear(6, 4)).double()
+    single = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Softplus()).double()
+    for d in (dec, single):
+        spec, _ = extract_mlp(d)
+        z = torch.randn(4, spec.in_features, dtype=torch.float64, requires_grad=True)
+        probes = torch.randn(4, 2, spec.in_features, dtype=torch.float64)
+        for a, b in zip(_run(cpu_ext, spec, z, probes), _run(torch_backend.BACKEND, spec, z, probes)):
+            _close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_gradcheck(cpu_ext, act):
+    dec = make_mlp([2, 4, 3], act=act, out_act=act, dtype=torch.float64, seed=1)
+    spec, _ = extract_mlp(dec)
+    torch.manual_seed(1)
+    z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    probes = torch.randn(3, 2, 2, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in spec.params()]
+
+    def pull(z, *ps):
+        s = type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations)
+        return mlp_pullback(cpu_ext, s, z)
+
+    def hutch(z, *ps):
+        s = type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations)
+        return mlp_hutchinson(cpu_ext, s, z, probes)
+
+    # ReLU-like kinks: keep the finite-difference step small against distances to the kink.
+    assert torch.autograd.gradcheck(pull, (z, *params), eps=1e-7, atol=1e-6)
+    assert torch.autograd.gradcheck(hutch, (z, *params), eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+def test_brute_force(cpu_ext, act):
+    dec = make_mlp([2, 8, 8, 5], act=act, out_act="sigmoid", dtype=torch.float64, seed=2)
+    spec, _ = extract_mlp(dec)
+    z = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    h_ref = pullback_brute_force(dec, z)
+    h = mlp_pullback(cpu_ext, spec, z)
+    _close(h, h_ref, 1e-10)
+    w = torch.randn_like(h)
+    params = [z, *dec.parameters()]
+    for a, b in zip(torch.autograd.grad((h * w).sum(), params), torch.autograd.grad((h_ref * w).sum(), params)):
+        _close(a, b, 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_official_estimator(cpu_ext, dtype):
+    dec = make_mlp([2, 32, 32, 20], act="relu", out_act="sigmoid", dtype=dtype, seed=4)
+    torch.manual_seed(4)
+    z = torch.randn(16, 2, dtype=dtype, requires_grad=True)
+    v = torch.randn(16, 2, dtype=dtype)
+    ref = official_relaxed_distortion(dec, z, v)
+    g_ref = torch.autograd.grad(ref, [z, *dec.parameters()])
+    with backends.use("cpu"):
+        p = isofast.plan(dec, z, eta=None, probes=v[:, None])
+        assert p.backend == "cpu"
+        got = isofast.relaxed_distortion(dec, z, eta=None, probes=v[:, None])
+    g = torch.autograd.grad(got, [z, *dec.parameters()])
+    _close(got, ref, RTOL[dtype] * 10)
+    for a, b in zip(g, g_ref):
+        _close(a, b, GRAD_RTOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("measure", list(isofast.MEASURES))
+def test_measures_match_twin(cpu_ext, measure):
+    dec = make_mlp([3, 10, 10, 8], act="silu", out_act=None, dtype=torch.float64, seed=5)
+    z = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    vals = []
+    for name in ("torch", "cpu"):
+        with backends.use(name):
+            val = isofast.distortion(dec, z, measure, eta=None, estimator="exact")
+        vals.append([val, *torch.autograd.grad(val, [z, *dec.parameters()])])
+    for a, b in zip(*vals):
+        _close(a, b, 1e-8)
+
+
+def test_auto_selects_cpu_backend(cpu_ext):
+    dec = make_mlp([2, 4, 3], dtype=torch.float32)
+    p = isofast.plan(dec, torch.randn(3, 2))
+    assert p.backend == "cpu", str(p)
+
+
+def test_bad_inputs_raise_from_cpp(cpu_ext):
+    ext = _ext.get()
+    w = [torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)]
+    b = [None, None]
+    acts = ([1, 7], [0.0, 0.0], [0.0, 0.0])
+    z = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="z must have shape"):
+        ext.mlp_pullback_forward(z[0], w, b, *acts)
+    with pytest.raises(RuntimeError, match="z must be float32 or float64"):
+        ext.mlp_pullback_forward(z.half(), w, b, *acts)
+    with pytest.raises(RuntimeError, match=r"weights\[1\] has 4 input features|weights\[1\]"):
+        ext.mlp_pullback_forward(z, [w[0], torch.randn(3, 5, dtype=torch.float64)], b, *acts)
+    with pytest.raises(RuntimeError, match=r"weights\[0\] has dtype"):
+        ext.mlp_pullback_forward(z, [w[0].float(), w[1]], b, *acts)
+    with pytest.raises(RuntimeError, match=r"biases\[0\] must have shape"):
+        ext.mlp_pullback_forward(z, w, [torch.randn(5, dtype=torch.float64), None], *acts)
+    with pytest.raises(RuntimeError, match=r"codes\[1\]"):
+        ext.mlp_pullback_forward(z, w, b, [1, 42], [0.0, 0.0], [0.0, 0.0])
+    with pytest.raises(RuntimeError, match="probes must have shape"):
+        ext.mlp_hutchinson_forward(z, torch.randn(5, 2, dtype=torch.float64), w, b, *acts)
+    with pytest.raises(RuntimeError, match="grad_h must have shape"):
+        _, saved = ext.mlp_pullback_forward(z, w, b, *acts)
+        ext.mlp_pullback_backward(torch.ones(5, 3, 3, dtype=torch.float64), w, [False, False], *acts, saved)
+    # Non-contiguous inputs are handled (made contiguous), not rejected.
+    zt = torch.randn(2, 5, dtype=torch.float64).t()
+    h1, _ = ext.mlp_pullback_forward(zt, [w[0].t().contiguous().t(), w[1]], b, *acts)
+    h2, _ = ext.mlp_pullback_forward(zt.contiguous(), w, b, *acts)
+    torch.testing.assert_close(h1, h2)
+
+
+def test_supports_cpu_only(cpu_ext):
+    assert cpu_ext.supports(torch.device("cpu"))[0]
+    ok, why = cpu_ext.supports(torch.device("cuda"))
+    assert not ok and "CPU tensors only" in why
+
+
+def test_mismatched_build_is_refused(cpu_ext, monkeypatch):
+    module, _ = _ext.load()
+    info = dict(module.build_info())
+    msg = _ext.check_build_info(info, {"torch_version": "9.9.9", "cuda_version": "none"})
+    assert "9.9.9" in msg and info["torch_version"] in msg
+    assert _ext.check_build_info({**info, "abi_version": -1})
+    cuda_info = {**info, "cuda": True, "cuda_version": "12.1"}
+    msg = _ext.check_build_info(cuda_info, {"torch_version": info["torch_version"], "cuda_version": "12.8"})
+    assert "12.1" in msg and "12.8" in msg
+    # availability() refuses it with that message.
+    monkeypatch.setattr(_ext, "expected_info", lambda: {"torch_version": "9.9.9", "cuda_version": "none"})
+    _ext.reset()
+    try:
+        ok, why = backends.status("cpu")
+        assert not ok and "9.9.9" in why and info["torch_version"] in why
+    finally:
+        monkeypatch.undo()
+        _ext.reset()
+    assert backends.status("cpu")[0]
+
+
+def test_no_ext_env_disables(cpu_ext, monkeypatch):
+    monkeypatch.setenv("ISOFAST_NO_EXT", "1")
+    _ext.reset()
+    try:
+        ok, why = backends.status("cpu")
+        assert not ok and "ISOFAST_NO_EXT" in why
+    finally:
+        monkeypatch.delenv("ISOFAST_NO_EXT")
+        _ext.reset()
