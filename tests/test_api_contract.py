@@ -46,7 +46,8 @@ def test_distortion_is_reproducible_with_a_generator() -> None:
 # --- plan ------------------------------------------------------------------------------------------
 def test_plan_explains_path_backend_and_estimator() -> None:
     p = isofast.plan(make_mlp([2, 8, 5]), Z)
-    assert (p.path, p.backend, p.estimator, p.n_probes) == ("fused_mlp", "torch", "exact", None)
+    expected_backend = "cpu" if backends.available()["cpu"] else "torch"
+    assert (p.path, p.backend, p.estimator, p.n_probes) == ("fused_mlp", expected_backend, "exact", None)
     text = str(p)
     assert "fused_mlp" in text and "estimator" in text and "backend" in text
 
@@ -62,6 +63,7 @@ def test_plan_estimator_choice() -> None:
     dec = make_mlp([20, 8, 5])
     z = torch.randn(3, 20, dtype=torch.float64)
     assert isofast.plan(dec, z).estimator == "hutchinson"
+    assert isofast.plan(make_mlp([3, 8, 5]), torch.randn(3, 3, dtype=torch.float64)).estimator == "hutchinson"
     assert isofast.plan(dec, z, n_probes=3).n_probes == 3
     assert isofast.plan(dec, z, "volume").estimator == "exact"
     assert isofast.plan(make_mlp([2, 8, 5]), Z, probes=torch.randn(6, 2, 2, dtype=torch.float64)).n_probes == 2

@@ -30,11 +30,14 @@ def stream_forward(
     for w, b, act in zip(weights, biases, acts):
         n, bsz, d_in = s.shape
         a = (s.reshape(n * bsz, d_in) @ w.t()).view(n, bsz, w.shape[0])
-        p = a[0] if b is None else a[0] + b
+        p = a[0].clone() if b is None else a[0] + b  # a[0] is overwritten by s(p) below
         val, d1 = act.derivatives(p, order=1)
         tangent = a[1:]
         saved += [s, p, tangent if act.has_second_derivative else _EMPTY]
-        s = torch.cat([val.unsqueeze(0), d1.unsqueeze(0) * tangent], dim=0)
+        # Gate in place when a's tangent rows are not saved: one buffer per layer, no concatenation.
+        s = a if not act.has_second_derivative else torch.empty_like(a)
+        torch.mul(d1.unsqueeze(0), tangent, out=s[1:])
+        s[0] = val
     return s, saved
 
 
