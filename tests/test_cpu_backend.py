@@ -196,21 +196,25 @@ def test_mismatched_build_is_refused(cpu_ext, monkeypatch):
     # availability() refuses it with that message.
     monkeypatch.setattr(_ext, "expected_info", lambda: {"torch_version": "9.9.9", "cuda_version": "none"})
     _ext.reset()
+    backends.refresh()
     try:
         ok, why = backends.status("cpu")
         assert not ok and "9.9.9" in why and info["torch_version"] in why
     finally:
         monkeypatch.undo()
         _ext.reset()
+        backends.refresh()
     assert backends.status("cpu")[0]
 
 
 def test_no_ext_env_disables(cpu_ext, monkeypatch):
     monkeypatch.setenv("ISOFAST_NO_EXT", "1")
     _ext.reset()
+    backends.refresh()
     try:
         ok, why = backends.status("cpu")
         assert not ok and "ISOFAST_NO_EXT" in why
     finally:
         monkeypatch.delenv("ISOFAST_NO_EXT")
         _ext.reset()
+        backends.refresh()
