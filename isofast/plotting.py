@@ -101,17 +101,17 @@ def _draw(
         raise ValueError(f"radius must be positive, got {radius}")
 
     if labels is None:
-        ax.scatter(z[:, 0], z[:, 1], s=4, c="tab:gray", alpha=0.6, linewidths=0)
+        ax.scatter(z[:, 0], z[:, 1], s=10, c="tab:gray", alpha=0.6, linewidths=0)
     else:
         classes = np.unique(labels)
         if np.issubdtype(labels.dtype, np.integer) and len(classes) <= _MAX_LEGEND_CLASSES:
             cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
             for i, c in enumerate(classes):
                 mask = labels == c
-                ax.scatter(z[mask, 0], z[mask, 1], s=4, color=cmap(i), alpha=0.7, linewidths=0, label=str(c))
+                ax.scatter(z[mask, 0], z[mask, 1], s=10, color=cmap(i), alpha=0.7, linewidths=0, label=str(c))
             ax.legend(markerscale=3, fontsize="small", loc="best")
         else:
-            points = ax.scatter(z[:, 0], z[:, 1], s=4, c=labels, cmap="viridis", alpha=0.7, linewidths=0)
+            points = ax.scatter(z[:, 0], z[:, 1], s=10, c=labels, cmap="viridis", alpha=0.7, linewidths=0)
             ax.figure.colorbar(points, ax=ax)
 
     lo, hi = z.min(0), z.max(0)
@@ -218,4 +218,4 @@ def side_by_side(
         _draw(ax, z_np, H_np, labels_np, n_ellipses, None, seed, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
