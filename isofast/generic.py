@@ -4,6 +4,8 @@ Each sample is repeated ``K`` times and carried with tangent ``v_k`` as a dual t
 decoder call returns all ``J v_k``; exact mode seeds the latent basis (``K = m``). The result is
 differentiable with respect to ``z`` and the decoder parameters by ordinary reverse mode. The
 decoder must treat samples independently (no batch statistics), as any per-sample Jacobian assumes.
+The Gram and squared-norm reductions are :mod:`isofast.ops.tangent_gram` (CUDA kernels on CUDA
+tensors where the cuda backend is available).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 from isofast.backends.base import acc_dtype
+from isofast.ops.tangent_gram import tangent_gram, tangent_sqnorm
 
 Decoder = Callable[[Tensor], Tensor]
 
@@ -48,8 +51,7 @@ def generic_pullback(decoder: Decoder, z: Tensor) -> Tensor:
     bsz, m = z.shape
     basis = torch.eye(m, dtype=z.dtype, device=z.device).expand(bsz, m, m)
     _, _, jt = _tangent_images(decoder, z, basis)
-    jt = _acc(jt)
-    return jt @ jt.transpose(1, 2)
+    return tangent_gram(_acc(jt))
 
 
 def generic_hutchinson(decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
@@ -58,6 +60,4 @@ def generic_hutchinson(decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
     with torch.enable_grad():  # the VJP needs a graph even when the caller evaluates under no_grad
         z_rep, primal, jv = _tangent_images(decoder, z, probes)
         (jtjv,) = torch.autograd.grad(primal, z_rep, jv.reshape(bsz * k, -1), create_graph=True)
-    return torch.stack(
-        [_acc(jv).square().sum(-1), _acc(jtjv).reshape(bsz, k, -1).square().sum(-1)], dim=-1
-    )
+    return torch.stack([tangent_sqnorm(_acc(jv)), tangent_sqnorm(_acc(jtjv).reshape(bsz, k, -1))], dim=-1)

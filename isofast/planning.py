@@ -15,6 +15,7 @@ from isofast import _checks, backends
 from isofast.backends.base import Backend
 from isofast.measures import EXACT_ONLY, MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
+from isofast.ops.tangent_gram import cuda_reductions
 
 #: ``estimator="auto"`` takes the exact metric up to this latent width and Hutchinson above it:
 #: exact wherever it costs no more than the official one-probe Hutchinson estimator. Measured
@@ -132,9 +133,13 @@ def plan(
         forced = backends.forced()
         if forced not in (None, "torch"):
             raise ValueError(f"backend {forced!r} runs only the fused MLP path, but this decoder is not fusable: {path_why}")
+        on_cuda, reduce_why = cuda_reductions(z.device)
+        reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
         return Plan(
             "generic", "torch", chosen, k, measure,
-            {"path": f"generic: {path_why}", "backend": "torch: the generic path uses PyTorch forward-mode AD",
+            {"path": f"generic: {path_why}",
+             "backend": f"torch: the generic path uses PyTorch forward-mode AD; its Gram/trace reductions "
+                        f"run {reductions} ({reduce_why})",
              "estimator": est_why},
         )
     impl, backend_why = backends.select(z.device, z.dtype)

@@ -1,0 +1,116 @@
+"""``tangent_gram`` / ``tangent_sqnorm``: the torch path against brute force on CPU, and on a GPU
+the cuda backend's kernels against the torch path (values, gradients, the generic path, the plan)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import RTOL, ConvDecoder
+from torch.autograd import gradcheck, gradgradcheck
+
+import isofast
+from isofast import backends
+from isofast.ops import tangent_gram, tangent_sqnorm
+from isofast.ops.tangent_gram import cuda_reductions
+
+
+def _images(*shape: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+
+
+def _require_cuda_backend() -> None:
+    ok, why = backends.status("cuda")
+    if not ok:
+        if os.environ.get("ISOFAST_REQUIRE_EXT"):
+            pytest.fail(f"cuda backend unavailable: {why}")
+        pytest.skip(why)
+
+
+# --- CPU: the torch path -----------------------------------------------------------------------
+
+def test_values_match_brute_force() -> None:
+    x = _images(4, 3, 11)
+    xs = x.detach().tolist()  # (B, K, D) nested lists: plain Python sums, no torch kernels
+    gram = [[[sum(u * v for u, v in zip(row_k, row_l)) for row_l in sample] for row_k in sample] for sample in xs]
+    sqnorm = [[sum(v * v for v in row) for row in sample] for sample in xs]
+    gram, sqnorm = torch.tensor(gram, dtype=torch.float64), torch.tensor(sqnorm, dtype=torch.float64)
+    torch.testing.assert_close(tangent_gram(x), gram, rtol=RTOL[torch.float64], atol=0)
+    torch.testing.assert_close(tangent_sqnorm(x), sqnorm, rtol=RTOL[torch.float64], atol=0)
+
+
+def test_torch_path_is_the_plain_expression() -> None:
+    """The generic path's CPU results are unchanged: the op computes exactly the old expression."""
+    x = _images(5, 4, 7, dtype=torch.float32)
+    assert torch.equal(tangent_gram(x), x @ x.transpose(1, 2))
+    assert torch.equal(tangent_sqnorm(x), x.square().sum(-1))
+
+
+@pytest.mark.parametrize("op", [tangent_gram, tangent_sqnorm])
+def test_gradcheck(op) -> None:
+    x = _images(3, 4, 6)
+    assert gradcheck(op, (x,))
+    assert gradgradcheck(op, (x,))
+
+
+def test_cuda_reductions_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cuda_reductions(torch.device("cpu")) == (False, "cpu tensors")
+    monkeypatch.setitem(backends._status, "cuda", (True, ""))
+    assert cuda_reductions(torch.device("cuda"))[0]
+    with backends.use("torch"):
+        assert cuda_reductions(torch.device("cuda")) == (False, "forced by isofast.backends.use('torch')")
+    monkeypatch.setitem(backends._status, "cuda", (False, "no CUDA device"))
+    assert cuda_reductions(torch.device("cuda")) == (False, "cuda backend: no CUDA device")
+
+
+def test_plan_reports_torch_reductions_on_cpu() -> None:
+    why = isofast.plan(ConvDecoder(), torch.randn(3, 2, dtype=torch.float64)).reasons["backend"]
+    assert why.startswith("torch:") and "reductions run in torch (cpu tensors)" in why
+
+
+# --- GPU: the cuda backend's kernels against the torch path -------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", [tangent_gram, tangent_sqnorm])
+def test_cuda_kernels_match_torch_path(op, dtype: torch.dtype) -> None:
+    _require_cuda_backend()
+    assert cuda_reductions(torch.device("cuda"))[0]
+    # D = 1000 spans several blocks of the reduction; a transposed view exercises non-contiguous input.
+    for x in (_images(6, 5, 1000, dtype=dtype, device="cuda"),
+              _images(6, 1000, 5, dtype=dtype, device="cuda").transpose(1, 2)):
+        out = op(x)
+        weight = torch.randn_like(out)
+        (grad,) = torch.autograd.grad((out * weight).sum(), x)
+        with backends.use("torch"):
+            ref = op(x)
+            (grad_ref,) = torch.autograd.grad((ref * weight).sum(), x)
+        tol = {"rtol": RTOL[dtype], "atol": RTOL[dtype] * float(ref.abs().max())}
+        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(grad, grad_ref, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
+def test_generic_path_on_cuda_matches_torch_path(estimator: str) -> None:
+    _require_cuda_backend()
+    dec = ConvDecoder().cuda()
+    z = torch.randn(6, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    probes = torch.randn(6, 3, 2, dtype=torch.float64, device="cuda") if estimator == "hutchinson" else None
+    params = [z, *dec.parameters()]
+
+    def run() -> list[torch.Tensor]:
+        loss = isofast.distortion(dec, z, eta=None, estimator=estimator, probes=probes)
+        return [loss, *torch.autograd.grad(loss, params)]
+
+    why = isofast.plan(dec, z, eta=None, estimator=estimator, probes=probes).reasons["backend"]
+    assert "reductions run on the cuda backend's kernels" in why
+    got = run()
+    with backends.use("torch"):
+        assert "reductions run in torch" in isofast.plan(dec, z, eta=None, estimator=estimator,
+                                                         probes=probes).reasons["backend"]
+        want = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
