@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 if not (INTERPRETER or HAS_CUDA):
     pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
+import isofast  # noqa: E402
 from isofast import backends  # noqa: E402
 from isofast.backends.torch_backend import BACKEND as TWIN  # noqa: E402
 from isofast.mlp import extract_mlp  # noqa: E402
@@ -150,13 +151,14 @@ def test_precision_rejects_unknown_modes() -> None:
     assert backends.current_precision() == "fp32"
 
 
-def test_float64_is_handed_to_the_twin() -> None:
+def test_float64_is_left_to_the_twin_and_plan_says_so() -> None:
     dec64, _, z64 = _case("tanh", [2, 5, 4], batch=3)
-    spec, _ = extract_mlp(dec64)
-    z = z64.requires_grad_()
-    h = mlp_pullback(TRITON, spec, z)
-    assert h.dtype == torch.float64
-    assert _rel(h, pullback_brute_force(dec64, z)) < RTOL[torch.float64]
+    assert not TRITON.supports(z64.device, torch.float64)[0]
+    with backends.use("triton"):
+        with pytest.raises(ValueError, match="float64"):
+            isofast.plan(dec64, z64)
+    assert isofast.plan(dec64, z64).backend != "triton"
+    assert _rel(isofast.pullback_metric(dec64, z64), pullback_brute_force(dec64, z64)) < RTOL[torch.float64]
 
 
 def test_no_host_sync_in_the_backend_sources() -> None:
