@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import mlp_stream as ms
-from .mlp_stream import act_fn, pick, rows_times_wt
+from .mlp_stream import act_fn, layer_tile, pick
 
 
 @triton.jit
@@ -32,13 +32,8 @@ def mlp_pullback_gram_kernel(
     """``gram[b, k, k'] += <T_k, T_k'>`` over this column tile, ``T_k = s'(p) A[k]``, ``K = NS - 1``."""
     b0 = tl.program_id(0) * BM
     n0 = tl.program_id(1) * BN
-    acc = rows_times_wt(x_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC)
-    a3 = tl.reshape(acc, (NSP, BM, BN))
+    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     sid = tl.arange(0, NSP)[:, None, None]
-    n = n0 + tl.arange(0, BN)
-    p = pick(a3, sid, 0)
-    if HAS_BIAS:
-        p += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     _, d1, _ = act_fn(p, ACT, P0, P1)
     # Padded columns hold p = 0 and A = 0, so they contribute nothing.
     tg = tl.where((sid >= 1) & (sid < NS), d1[None, :, :] * a3, 0.0)
@@ -61,14 +56,10 @@ def mlp_pullback_gram_bwd_kernel(
     """``abar (NS, B, N)``: the last layer's pre-activation gradient given ``Hbar = gh (B, K, K)``."""
     b0 = tl.program_id(0) * BM
     n0 = tl.program_id(1) * BN
-    acc = rows_times_wt(x_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC)
-    a3 = tl.reshape(acc, (NSP, BM, BN))
+    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     sid = tl.arange(0, NSP)[:, None, None]
     b = b0 + tl.arange(0, BM)
     n = n0 + tl.arange(0, BN)
-    p = pick(a3, sid, 0)
-    if HAS_BIAS:
-        p += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     _, d1, d2 = act_fn(p, ACT, P0, P1)
     s2 = tl.arange(0, NSP)[:, None]
     b2 = b[None, :]

@@ -149,6 +149,19 @@ def pick(x3, sid, k):
 
 
 @triton.jit
+def layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS: tl.constexpr, NSP: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """One layer's pre-activations on a tile of samples ``b0 ..`` and columns ``n0 ..``:
+    ``a3 (NSP, BM, BN)`` for every stream and the primal ``p = A[0] + bias (BM, BN)``."""
+    a3 = tl.reshape(rows_times_wt(x_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC), (NSP, BM, BN))
+    p = pick(a3, tl.arange(0, NSP)[:, None, None], 0)
+    if HAS_BIAS:
+        n = n0 + tl.arange(0, BN)
+        p += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    return a3, p
+
+
+@triton.jit
 def gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, c0, B, C, NS: tl.constexpr, NSP: tl.constexpr,
                BM: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, P0, P1, PRO: tl.constexpr,
                HAS_T: tl.constexpr, HAS_PX: tl.constexpr):
@@ -197,15 +210,11 @@ def mlp_stream_fwd_kernel(
     """One multi-stream layer: ``out[0] = s(p)``, ``out[k] = s'(p) A[k]`` with ``p = A[0] + b``."""
     b0 = tl.program_id(0) * BM
     n0 = tl.program_id(1) * BN
-    acc = rows_times_wt(x_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC)
-    a3 = tl.reshape(acc, (NSP, BM, BN))
+    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     sid = tl.arange(0, NSP)[:, None, None]
     b = b0 + tl.arange(0, BM)
     n = n0 + tl.arange(0, BN)
     ok2 = (b[:, None] < B) & (n[None, :] < N)
-    p = pick(a3, sid, 0)
-    if HAS_BIAS:
-        p += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     v, d1, _ = act_fn(p, ACT, P0, P1)
     out = tl.where(sid == 0, v[None, :, :], d1[None, :, :] * a3)
     off3 = sid.to(tl.int64) * B * N + b[None, :, None].to(tl.int64) * N + n[None, None, :]

@@ -83,6 +83,12 @@ class ConvDecoder(torch.nn.Module):
         return self.deconv(torch.tanh(self.fc(z)).view(-1, 8, 2, 2))
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference relative to the reference ``b``'s largest entry (compared in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
 def jacobian_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Per-sample Jacobians ``(B, D, m)`` by ``torch.autograd.functional.jacobian``, sample by sample."""
     rows = []

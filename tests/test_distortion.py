@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, ConvDecoder, jacobian_brute_force, make_mlp, pullback_brute_force
+from conftest import (
+    ACTIVATIONS,
+    GRAD_RTOL,
+    RTOL,
+    ConvDecoder,
+    jacobian_brute_force,
+    make_mlp,
+    pullback_brute_force,
+    rel_err,
+)
 
 import isofast
 from isofast.baselines import official_relaxed_distortion
@@ -31,20 +40,16 @@ def reference_measure(measure: str, h: torch.Tensor) -> torch.Tensor:
     raise AssertionError(measure)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
 def _check(decoder: torch.nn.Module, measure: str, m: int = 3, bsz: int = 6) -> None:
     z = torch.randn(bsz, m, dtype=torch.float64, requires_grad=True)
     value = isofast.distortion(decoder, z, measure, eta=0.2, estimator="exact", generator=torch.Generator().manual_seed(5))
     z_aug = isofast.mixup(z, 0.2, generator=torch.Generator().manual_seed(5))
     ref = reference_measure(measure, pullback_brute_force(decoder, z_aug))
-    assert _rel(value, ref) < RTOL[torch.float64]
+    assert rel_err(value, ref) < RTOL[torch.float64]
     params = [z, *decoder.parameters()]
     grads = [torch.autograd.grad(v, params, allow_unused=True, materialize_grads=True) for v in (value, ref)]
     for g, w in zip(*grads):
-        assert _rel(g, w) < GRAD_RTOL[torch.float64]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("measure", list(isofast.MEASURES))
@@ -75,10 +80,10 @@ def test_hutchinson_matches_official_recipe(make) -> None:
     v = torch.randn(7, 2, dtype=torch.float64)
     ours = isofast.relaxed_distortion(dec, z, eta=None, probes=v[:, None])
     official = official_relaxed_distortion(dec, z, v)
-    assert _rel(ours, official) < RTOL[torch.float64]
+    assert rel_err(ours, official) < RTOL[torch.float64]
     params = list(dec.parameters())
     for g, w in zip(torch.autograd.grad(ours, params), torch.autograd.grad(official, params)):
-        assert _rel(g, w) < GRAD_RTOL[torch.float64]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("make", [lambda: make_mlp([3, 12, 9], act="tanh", seed=10), lambda: ConvDecoder(m=3, seed=10)])
@@ -98,7 +103,7 @@ def test_hutchinson_trace_measures_match_brute_force(make) -> None:
     }
     for measure, ref in want.items():
         got = isofast.distortion(dec, z, measure, eta=None, probes=probes)
-        assert _rel(got, ref) < RTOL[torch.float64], measure
+        assert rel_err(got, ref) < RTOL[torch.float64], measure
 
 
 def test_hutchinson_is_unbiased_for_traces() -> None:
@@ -125,7 +130,7 @@ def test_pullback_metric_both_paths() -> None:
         z = torch.randn(4, 2, dtype=torch.float64)
         h = isofast.pullback_metric(dec, z)
         assert h.shape == (4, 2, 2)
-        assert _rel(h, pullback_brute_force(dec, z)) < RTOL[torch.float64]
+        assert rel_err(h, pullback_brute_force(dec, z)) < RTOL[torch.float64]
 
 
 def test_trailing_unflatten_and_wrapper_hook_take_fused_path() -> None:
@@ -146,7 +151,7 @@ def test_trailing_unflatten_and_wrapper_hook_take_fused_path() -> None:
     z = torch.randn(3, 2, dtype=torch.float64)
     for dec in (seq, Wrapper()):
         assert isofast.plan(dec, z).path == "fused_mlp"
-        assert _rel(isofast.pullback_metric(dec, z), pullback_brute_force(dec, z)) < RTOL[torch.float64]
+        assert rel_err(isofast.pullback_metric(dec, z), pullback_brute_force(dec, z)) < RTOL[torch.float64]
 
 
 def test_float32_matches_float64() -> None:

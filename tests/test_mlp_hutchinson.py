@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, jacobian_brute_force, make_mlp
+from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, jacobian_brute_force, make_mlp, rel_err
 
 from isofast.backends.torch_backend import BACKEND
 from isofast.mlp import extract_mlp
@@ -18,10 +18,6 @@ def _reference(dec: torch.nn.Module, z: torch.Tensor, probes: torch.Tensor) -> t
     return torch.stack([jv.square().sum(-1), jtjv.square().sum(-1)], dim=-1)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
 def test_values_and_grads_match_brute_force(act: str) -> None:
     dec = make_mlp([3, 8, 6, 5], act=act, out_act="softplus", seed=3)
@@ -31,13 +27,13 @@ def test_values_and_grads_match_brute_force(act: str) -> None:
     stats = mlp_hutchinson(BACKEND, spec, z, probes)
     ref = _reference(dec, z, probes)
     assert stats.shape == (4, 2, 2)
-    assert _rel(stats, ref) < RTOL[torch.float64]
+    assert rel_err(stats, ref) < RTOL[torch.float64]
     weight = torch.randn_like(stats)
     params = [z, *dec.parameters()]
     got = torch.autograd.grad((stats * weight).sum(), params)
     want = torch.autograd.grad((ref * weight).sum(), params)
     for g, w in zip(got, want):
-        assert _rel(g, w) < GRAD_RTOL[torch.float64]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float64]
 
 
 def test_gradcheck() -> None:

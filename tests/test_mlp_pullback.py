@@ -6,15 +6,11 @@ import copy
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, pullback_brute_force
+from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, pullback_brute_force, rel_err
 
 from isofast.backends.torch_backend import BACKEND
 from isofast.mlp import extract_mlp
 from isofast.ops import mlp_pullback
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
@@ -24,13 +20,13 @@ def test_values_and_grads_match_brute_force(act: str) -> None:
     z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     h = mlp_pullback(BACKEND, spec, z)
     ref = pullback_brute_force(dec, z)
-    assert _rel(h, ref) < RTOL[torch.float64]
+    assert rel_err(h, ref) < RTOL[torch.float64]
     weight = torch.randn_like(h)
     params = [z, *dec.parameters()]
     got = torch.autograd.grad((h * weight).sum(), params)
     want = torch.autograd.grad((ref * weight).sum(), params)
     for g, w in zip(got, want):
-        assert _rel(g, w) < GRAD_RTOL[torch.float64]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("act", ["relu", "softplus", "gelu_tanh"])
@@ -51,6 +47,6 @@ def test_no_bias_and_float32() -> None:
     h = mlp_pullback(BACKEND, spec, z)
     ref = pullback_brute_force(copy.deepcopy(dec).double(), z.double())
     assert h.dtype == torch.float32
-    assert _rel(h.double(), ref) < RTOL[torch.float32]
+    assert rel_err(h.double(), ref) < RTOL[torch.float32]
     h.sum().backward()
     assert dec[0].weight.grad is not None and z.grad is not None

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, jacobian_brute_force, make_mlp
+from conftest import ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, jacobian_brute_force, make_mlp, rel_err
 
 pytest.importorskip("triton")
 if not (INTERPRETER or HAS_CUDA):
@@ -27,11 +27,6 @@ from isofast.ops import mlp_hutchinson  # noqa: E402
 pytestmark = pytest.mark.interpreter
 DEVICE = "cpu" if INTERPRETER else "cuda"
 TRITON = backends.get("triton")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _case(act: str, widths: list[int], batch: int, k: int, seed: int = 0, out_act: str | None = "sigmoid"):
@@ -65,15 +60,15 @@ def test_stats_and_grads_match_twin_and_brute_force(act: str) -> None:
     z64 = z64.requires_grad_()
     ref = _brute_stats(dec64, z64, v64)
     twin = mlp_hutchinson(TWIN, spec32, z32, v32)
-    assert _rel(stats, ref) < RTOL[torch.float32]
-    assert _rel(stats, twin) < RTOL[torch.float32]
+    assert rel_err(stats, ref) < RTOL[torch.float32]
+    assert rel_err(stats, twin) < RTOL[torch.float32]
     weight = torch.randn(stats.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
     got = _grads(stats, weight.float(), [z32, *dec32.parameters()])
     want = _grads(ref, weight, [z64, *dec64.parameters()])
     want_twin = _grads(twin, weight.float(), [z32, *dec32.parameters()])
     for g, w, t in zip(got, want, want_twin):
-        assert _rel(g, w) < GRAD_RTOL[torch.float32]
-        assert _rel(g, t) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize("act", ["relu", "sigmoid", "gelu_tanh"])
@@ -89,7 +84,7 @@ def test_official_estimator(act: str) -> None:
     assert abs(got.item() - want.item()) <= 2e-4 * abs(want.item())
     params = [z, *dec.parameters()]
     for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
-        assert _rel(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
 
 
 def test_many_probes_several_tiles() -> None:
@@ -98,11 +93,11 @@ def test_many_probes_several_tiles() -> None:
     z32 = z64.float().requires_grad_()
     stats = mlp_hutchinson(TRITON, spec32, z32, v64.float())
     twin = mlp_hutchinson(TWIN, spec32, z32, v64.float())
-    assert _rel(stats, twin) < RTOL[torch.float32]
+    assert rel_err(stats, twin) < RTOL[torch.float32]
     weight = torch.randn(stats.shape, device=DEVICE)
     params = [z32, *dec32.parameters()]
     for g, t in zip(_grads(stats, weight, params), _grads(twin, weight, params)):
-        assert _rel(g, t) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
 
 
 def test_the_comparison_can_fail() -> None:
@@ -110,7 +105,7 @@ def test_the_comparison_can_fail() -> None:
     dec64, dec32, z64, v64 = _case("softplus", [2, 9, 7], batch=5, k=1)
     spec32, _ = extract_mlp(dec32)
     stats = mlp_hutchinson(TRITON, spec32, z64.float(), (1.01 * v64).float())
-    assert _rel(stats, _brute_stats(dec64, z64, v64)) > RTOL[torch.float32]
+    assert rel_err(stats, _brute_stats(dec64, z64, v64)) > RTOL[torch.float32]
 
 
 def test_bf16_gemms_stay_close_and_finite() -> None:
@@ -120,6 +115,6 @@ def test_bf16_gemms_stay_close_and_finite() -> None:
     with backends.precision("bf16"):
         stats = mlp_hutchinson(TRITON, spec32, z32, v64.float())
     twin = mlp_hutchinson(TWIN, spec32, z32, v64.float())
-    assert stats.dtype == torch.float32 and _rel(stats, twin) < 5e-2
+    assert stats.dtype == torch.float32 and rel_err(stats, twin) < 5e-2
     (grad,) = torch.autograd.grad(stats.sum(), [z32])
     assert torch.isfinite(grad).all()

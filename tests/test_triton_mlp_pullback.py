@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, make_mlp, pullback_brute_force
+from conftest import ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, make_mlp, pullback_brute_force, rel_err
 
 pytest.importorskip("triton")
 if not (INTERPRETER or HAS_CUDA):
@@ -27,11 +27,6 @@ from isofast.ops import mlp_pullback  # noqa: E402
 pytestmark = pytest.mark.interpreter
 DEVICE = "cpu" if INTERPRETER else "cuda"
 TRITON = backends.get("triton")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def _grads(out: torch.Tensor, weight: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -62,15 +57,15 @@ def test_values_and_grads_match_twin_and_brute_force(act: str) -> None:
     z64 = z64.requires_grad_()
     ref = pullback_brute_force(dec64, z64)
     twin = mlp_pullback(TWIN, spec32, z32)
-    assert _rel(h, ref) < RTOL[torch.float32]
-    assert _rel(h, twin) < RTOL[torch.float32]
+    assert rel_err(h, ref) < RTOL[torch.float32]
+    assert rel_err(h, twin) < RTOL[torch.float32]
     weight = torch.randn(h.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
     got = _grads(h, weight.float(), [z32, *dec32.parameters()])
     want = _grads(ref, weight, [z64, *dec64.parameters()])
     want_twin = _grads(twin, weight.float(), [z32, *dec32.parameters()])
     for g, w, t in zip(got, want, want_twin):
-        assert _rel(g, w) < GRAD_RTOL[torch.float32]
-        assert _rel(g, t) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
 
 
 @pytest.mark.parametrize("m,act", [(3, "softplus"), (5, "tanh")])
@@ -81,10 +76,10 @@ def test_wider_latent_several_tiles(m: int, act: str) -> None:
     z32 = z64.float().requires_grad_()
     h = mlp_pullback(TRITON, spec32, z32)
     twin = mlp_pullback(TWIN, spec32, z32)
-    assert _rel(h, twin) < RTOL[torch.float32]
+    assert rel_err(h, twin) < RTOL[torch.float32]
     weight = torch.randn_like(h)
     for g, t in zip(_grads(h, weight, [z32, *dec32.parameters()]), _grads(twin, weight, [z32, *dec32.parameters()])):
-        assert _rel(g, t) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
 
 
 def test_single_layer_no_bias() -> None:
@@ -92,11 +87,11 @@ def test_single_layer_no_bias() -> None:
     spec, _ = extract_mlp(dec)
     z = torch.randn(4, 2, device=DEVICE, requires_grad=True)
     h, twin = mlp_pullback(TRITON, spec, z), mlp_pullback(TWIN, spec, z)
-    assert _rel(h, twin) < RTOL[torch.float32]
+    assert rel_err(h, twin) < RTOL[torch.float32]
     weight = torch.randn_like(h)
     got, want = _grads(h, weight, [z, dec[0].weight]), _grads(twin, weight, [z, dec[0].weight])
     for g, w in zip(got, want):
-        assert _rel(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
 
 
 def test_the_comparison_can_fail() -> None:
@@ -107,7 +102,7 @@ def test_the_comparison_can_fail() -> None:
     other[1].negative_slope = 0.3
     spec_other, _ = extract_mlp(other)
     h = mlp_pullback(TRITON, spec_other, z64.float())
-    assert _rel(h, pullback_brute_force(dec64, z64)) > RTOL[torch.float32]
+    assert rel_err(h, pullback_brute_force(dec64, z64)) > RTOL[torch.float32]
 
 
 def test_distortion_api_takes_the_triton_backend() -> None:
@@ -121,7 +116,7 @@ def test_distortion_api_takes_the_triton_backend() -> None:
     assert plan.backend == "triton"
     with backends.use("torch"):
         want = isofast.distortion(dec32, z32, "scaled_isometry", eta=None, estimator="exact")
-    assert _rel(got, want) < RTOL[torch.float32]
+    assert rel_err(got, want) < RTOL[torch.float32]
 
 
 @pytest.mark.parametrize(
@@ -136,12 +131,12 @@ def test_precision_modes(mode: str, tol: float, grad_tol: float) -> None:
         h = mlp_pullback(TRITON, spec32, z32)
     assert h.dtype == torch.float32
     twin = mlp_pullback(TWIN, spec32, z32)
-    assert _rel(h, twin) < tol
+    assert rel_err(h, twin) < tol
     # The backward runs outside the block and must still reuse the forward's precision (no error,
     # finite, close to the twin's).
     weight = torch.randn_like(h)
     for g, t in zip(_grads(h, weight, [z32, *dec32.parameters()]), _grads(twin, weight, [z32, *dec32.parameters()])):
-        assert torch.isfinite(g).all() and _rel(g, t) < grad_tol
+        assert torch.isfinite(g).all() and rel_err(g, t) < grad_tol
 
 
 def test_precision_rejects_unknown_modes() -> None:
@@ -158,7 +153,7 @@ def test_float64_is_left_to_the_twin_and_plan_says_so() -> None:
         with pytest.raises(ValueError, match="float64"):
             isofast.plan(dec64, z64)
     assert isofast.plan(dec64, z64).backend != "triton"
-    assert _rel(isofast.pullback_metric(dec64, z64), pullback_brute_force(dec64, z64)) < RTOL[torch.float64]
+    assert rel_err(isofast.pullback_metric(dec64, z64), pullback_brute_force(dec64, z64)) < RTOL[torch.float64]
 
 
 def test_no_host_sync_in_the_backend_sources() -> None:
