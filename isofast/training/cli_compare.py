@@ -71,11 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"isofast compare: {exc}", file=sys.stderr)
         return 2
     finally:
-        if distributed.launched_by_torchrun():
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.shutdown()
     if not rows:
         return 0
     table = format_table(rows)

@@ -102,11 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"isofast train: {exc}", file=sys.stderr)
         return 2
     finally:
-        if distributed.launched_by_torchrun():
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.shutdown()
     if metrics:
         print(f"{args.model}: mse {metrics['mse']:.4g}  mcn {metrics['mcn']:.4g}  vor {metrics['vor']:.4g}"
               + (f"  geodesic_fidelity {metrics['geodesic_fidelity']:.4f}" if "geodesic_fidelity" in metrics else "")

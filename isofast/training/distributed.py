@@ -83,6 +83,7 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     return box[0]
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group a torchrun launch joined; the commands own its lifetime."""
+    if launched_by_torchrun() and dist.is_initialized():
         dist.destroy_process_group()
