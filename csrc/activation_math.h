@@ -1,5 +1,6 @@
 // Elementwise activations s, s', s'' (isofast/activations.py is the specification; the kind
-// numbering is activations.KINDS). Written once for the CPU loops and the CUDA kernels.
+// numbering is activations.KINDS). Used per element by the CUDA kernels; the CPU loops use it for
+// the mask kinds only (mlp_cpu.cpp's act_layer evaluates the smooth ones with ATen ops).
 #pragma once
 
 #include "isofast_common.h"
@@ -84,7 +85,7 @@ ISOFAST_HD void act_eval(T x, T q0, T q1, T& s, T& d1, T& d2) {
   }
 }
 
-// Runtime dispatch on the kind code (used per element on the GPU; the CPU loops switch per row).
+// Runtime dispatch on the kind code (used per element on the GPU).
 template <typename T>
 ISOFAST_HD void act_eval_dyn(int code, T x, T q0, T q1, T& s, T& d1, T& d2) {
   switch (code) {

@@ -3,7 +3,8 @@
 // Streams are stream-major, (1 + K) blocks of B rows (block 0 = primal), so each layer is ONE
 // ATen GEMM over the stacked (1 + K) B rows; everything elementwise (bias, activation, s'(p)
 // gating, the backward's s'' terms, the final Gram) is a fused loop over samples run with
-// at::parallel_for that switches on the activation kind once per row.
+// at::parallel_for. s', s'' of smooth activations are computed per layer by ATen ops first (see
+// act_layer); ReLU-like masks are evaluated inside the loops.
 //
 // Tangent pre-activations of a layer are addressed as At + k * sK + b * sB. For a GEMM output
 // A ((1 + K) B x d) that is At = A + B d, sK = B d, sB = d; for the exact estimator's first layer
@@ -20,6 +21,8 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "activation_math.h"
@@ -32,73 +35,151 @@ constexpr int64_t kGrainElems = 8192;
 
 int64_t grain_rows(int64_t per_row) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, per_row)); }
 
-template <int KIND, typename T>
-void act_row_k(const T* x, int64_t n, T q0, T q1, T* s, T* d1, T* d2) {
-  if (s != nullptr && d2 != nullptr) {
-    for (int64_t i = 0; i < n; ++i) act_eval<KIND>(x[i], q0, q1, s[i], d1[i], d2[i]);
-  } else if (s != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      T c;
-      act_eval<KIND>(x[i], q0, q1, s[i], d1[i], c);
-    }
-  } else if (d2 != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      T a;
-      act_eval<KIND>(x[i], q0, q1, a, d1[i], d2[i]);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      T a, c;
-      act_eval<KIND>(x[i], q0, q1, a, d1[i], c);
-    }
-  }
-}
-
-// s, s', s'' of one row of pre-activations; s and d2 may be null (d1 never is).
-template <typename T>
-void act_row(int code, const T* x, int64_t n, T q0, T q1, T* s, T* d1, T* d2) {
-  switch (code) {
-    case kIdentity: act_row_k<kIdentity>(x, n, q0, q1, s, d1, d2); break;
-    case kRelu: act_row_k<kRelu>(x, n, q0, q1, s, d1, d2); break;
-    case kLeakyRelu: act_row_k<kLeakyRelu>(x, n, q0, q1, s, d1, d2); break;
-    case kElu: act_row_k<kElu>(x, n, q0, q1, s, d1, d2); break;
-    case kSilu: act_row_k<kSilu>(x, n, q0, q1, s, d1, d2); break;
-    case kSoftplus: act_row_k<kSoftplus>(x, n, q0, q1, s, d1, d2); break;
-    case kTanh: act_row_k<kTanh>(x, n, q0, q1, s, d1, d2); break;
-    case kSigmoid: act_row_k<kSigmoid>(x, n, q0, q1, s, d1, d2); break;
-    case kGelu: act_row_k<kGelu>(x, n, q0, q1, s, d1, d2); break;
-    default: act_row_k<kGeluTanh>(x, n, q0, q1, s, d1, d2); break;
-  }
-}
-
 struct Act {
   int code;
   double q0, q1;
 };
 
+// s (when s_out is defined), s', s'' (when want_d2) of a whole layer's primal pre-activations
+// x (B, d), for the smooth kinds (act_has_d2): act_eval's formulas as ATen ops, so that exp / tanh
+// / erf run in ATen's vectorised kernels (a scalar libm call per element in the fused loops made
+// them slower than the unfused torch twin).
+std::pair<Tensor, Tensor> act_layer(const Tensor& x, Act a, Tensor s_out, bool want_d2) {
+  const double q0 = a.q0, q1 = a.q1;
+  Tensor d1, d2;
+  switch (a.code) {
+    case kElu: {
+      const Tensor pos = x > 0;
+      const Tensor e = at::expm1(x.clamp_max(0)).mul_(q0);
+      if (s_out.defined()) at::where_out(s_out, pos, x, e);
+      d1 = e.add_(q0);  // s' = s'' = e + alpha where x <= 0
+      if (want_d2) d2 = d1.masked_fill(pos, 0);
+      d1.masked_fill_(pos, 1);
+      break;
+    }
+    case kSilu: {
+      const Tensor sg = at::sigmoid(x), om = 1 - sg;
+      if (s_out.defined()) at::mul_out(s_out, x, sg);
+      d1 = sg * (1 + x * om);
+      if (want_d2) d2 = sg * om * (2 + x * (1 - 2 * sg));
+      break;
+    }
+    case kSoftplus: {
+      const Tensor linear = x * q0 > q1;
+      const Tensor sg = at::sigmoid(x * q0);
+      if (s_out.defined()) at::softplus_out(s_out, x, q0, q1);  // x where linear, as act_eval
+      if (want_d2) d2 = (q0 * sg * (1 - sg)).masked_fill_(linear, 0);
+      d1 = sg.masked_fill_(linear, 1);
+      break;
+    }
+    case kTanh: {
+      const Tensor t = s_out.defined() ? at::tanh_out(s_out, x) : at::tanh(x);
+      d1 = 1 - t * t;
+      if (want_d2) d2 = -2 * t * d1;
+      break;
+    }
+    case kSigmoid: {
+      const Tensor sg = s_out.defined() ? at::sigmoid_out(s_out, x) : at::sigmoid(x);
+      d1 = sg * (1 - sg);
+      if (want_d2) d2 = d1 * (1 - 2 * sg);
+      break;
+    }
+    case kGelu: {
+      const Tensor cdf = 0.5 * (1 + at::erf(x * 0.70710678118654752440));
+      const Tensor pdf = 0.39894228040143267794 * at::exp(-0.5 * x * x);
+      if (s_out.defined()) at::mul_out(s_out, x, cdf);
+      d1 = cdf + x * pdf;
+      if (want_d2) d2 = pdf * (2 - x * x);
+      break;
+    }
+    default: {  // kGeluTanh
+      const double k0 = 0.79788456080286535588, c = 0.044715;  // sqrt(2 / pi)
+      const Tensor xx = x * x;
+      const Tensor du = k0 * (1 + 3 * c * xx);
+      const Tensor t = at::tanh(k0 * (x + c * xx * x));
+      const Tensor sech2 = 1 - t * t;
+      if (s_out.defined()) at::mul_out(s_out, 0.5 * x, 1 + t);
+      d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du;
+      if (want_d2) d2 = sech2 * du + 0.5 * x * (sech2 * (k0 * 6 * c * x) - 2 * t * sech2 * du * du);
+      break;
+    }
+  }
+  return {d1.contiguous(), want_d2 ? d2.contiguous() : d2};
+}
+
+// s and s' of one row for the mask kinds (identity, ReLU, leaky ReLU: s'' = 0); s may be null.
+template <int KIND, typename T>
+void mask_row_k(const T* x, int64_t n, T q0, T* s, T* d1) {
+  T c;
+  if (s != nullptr)
+    for (int64_t i = 0; i < n; ++i) act_eval<KIND>(x[i], q0, T(0), s[i], d1[i], c);
+  else
+    for (int64_t i = 0; i < n; ++i) {
+      T a;
+      act_eval<KIND>(x[i], q0, T(0), a, d1[i], c);
+    }
+}
+
+// s' and s'' of one layer's primal pre-activations (the first B rows of A), read row by row by
+// the fused loops: smooth kinds precomputed for the whole layer by act_layer, mask kinds (cheaper
+// than a pass over memory) evaluated per row into the calling thread's scratch.
+template <typename T>
+struct Derivs {
+  Act a;
+  const T* P;
+  int64_t d;
+  T* s;             // mask kinds: s(P) is written here per row when non-null
+  bool d2on;        // s'' wanted and not identically zero
+  Tensor d1t, d2t;  // smooth kinds: (B, d)
+
+  // s_out (B, d), when defined, receives s(P).
+  Derivs(const Tensor& A, int64_t B, Act a_, const Tensor& s_out, bool want_d2)
+      : a(a_), P(A.data_ptr<T>()), d(A.size(1)), s(nullptr), d2on(want_d2 && act_has_d2(a_.code)) {
+    if (act_has_d2(a.code)) {
+      std::tie(d1t, d2t) = act_layer(A.narrow(0, 0, B), a, s_out, d2on);
+    } else if (s_out.defined()) {
+      s = s_out.data_ptr<T>();
+    }
+  }
+
+  // Row b's s' (and s'' if d2on); buf1 is d wide scratch.
+  const T* d1(int64_t b, T* buf1) const {
+    if (d1t.defined()) return d1t.data_ptr<T>() + b * d;
+    const T* x = P + b * d;
+    T* sb = s != nullptr ? s + b * d : nullptr;
+    switch (a.code) {
+      case kIdentity: mask_row_k<kIdentity>(x, d, T(a.q0), sb, buf1); break;
+      case kRelu: mask_row_k<kRelu>(x, d, T(a.q0), sb, buf1); break;
+      default: mask_row_k<kLeakyRelu>(x, d, T(a.q0), sb, buf1); break;
+    }
+    return buf1;
+  }
+  const T* d2(int64_t b) const { return d2t.data_ptr<T>() + b * d; }
+};
+
 // One layer's pre-activations as the fused loops see them.
 template <typename T>
 struct View {
-  T* P;          // (B, d) primal pre-activation (bias included once the forward epilogue ran)
+  Tensor A;      // first B rows: primal pre-activation (bias included once the forward epilogue ran)
   const T* At;   // tangent pre-activation of (stream k, sample b) at At + k sK + b sB
   int64_t sK, sB, d;
 };
 
 // Forward epilogue: P += bias; S[0] = s(P) (if write_primal); S[k] = s'(P) * A_k.
 template <typename T>
-void fwd_epilogue(const View<T>& v, const T* bias, T* S, bool write_primal, int64_t K, int64_t B, Act a) {
+void fwd_epilogue(const View<T>& v, const Tensor& bias, const Tensor& S, bool write_primal, int64_t K, int64_t B,
+                  Act a) {
   const int64_t d = v.d;
-  const T q0 = T(a.q0), q1 = T(a.q1);
+  if (bias.defined()) v.A.narrow(0, 0, B).add_(bias);
+  const Derivs<T> act(v.A, B, a, write_primal ? S.narrow(0, 0, B) : Tensor(), false);
+  T* Sp = S.data_ptr<T>();
   at::parallel_for(0, B, grain_rows((K + 1) * d), [&](int64_t b0, int64_t b1) {
-    std::vector<T> d1(d);
+    std::vector<T> buf(d);
     for (int64_t b = b0; b < b1; ++b) {
-      T* p = v.P + b * d;
-      if (bias != nullptr)
-        for (int64_t i = 0; i < d; ++i) p[i] += bias[i];
-      act_row<T>(a.code, p, d, q0, q1, write_primal ? S + b * d : nullptr, d1.data(), nullptr);
+      const T* d1 = act.d1(b, buf.data());
       for (int64_t k = 0; k < K; ++k) {
         const T* at = v.At + k * v.sK + b * v.sB;
-        T* o = S + ((k + 1) * B + b) * d;
+        T* o = Sp + ((k + 1) * B + b) * d;
         for (int64_t i = 0; i < d; ++i) o[i] = d1[i] * at[i];
       }
     }
@@ -108,17 +189,15 @@ void fwd_epilogue(const View<T>& v, const T* bias, T* S, bool write_primal, int6
 // Last layer of the exact estimator: P += bias, t_k = s'(P) A_k, G[b] = Gram(t) (accumulated in
 // opmath, fp32 or wider); the D-wide tangent images are never written out.
 template <typename T>
-void gram_epilogue(const View<T>& v, const T* bias, T* G, int64_t K, int64_t B, Act a) {
+void gram_epilogue(const View<T>& v, const Tensor& bias, T* G, int64_t K, int64_t B, Act a) {
   using acc_t = at::opmath_type<T>;
   const int64_t d = v.d;
-  const T q0 = T(a.q0), q1 = T(a.q1);
+  if (bias.defined()) v.A.narrow(0, 0, B).add_(bias);
+  const Derivs<T> act(v.A, B, a, Tensor(), false);
   at::parallel_for(0, B, grain_rows((K + 1) * d), [&](int64_t b0, int64_t b1) {
-    std::vector<T> d1(d), t(K * d);
+    std::vector<T> buf(d), t(K * d);
     for (int64_t b = b0; b < b1; ++b) {
-      T* p = v.P + b * d;
-      if (bias != nullptr)
-        for (int64_t i = 0; i < d; ++i) p[i] += bias[i];
-      act_row<T>(a.code, p, d, q0, q1, nullptr, d1.data(), nullptr);
+      const T* d1 = act.d1(b, buf.data());
       for (int64_t k = 0; k < K; ++k) {
         const T* at = v.At + k * v.sK + b * v.sB;
         T* o = t.data() + k * d;
@@ -152,12 +231,11 @@ void gram_epilogue(const View<T>& v, const T* bias, T* G, int64_t K, int64_t B, 
 template <typename T>
 void gram_backward(const View<T>& v, const T* Gs, T* Abar, int64_t K, int64_t B, Act a) {
   const int64_t d = v.d;
-  const T q0 = T(a.q0), q1 = T(a.q1);
-  const bool d2on = act_has_d2(a.code);
+  const Derivs<T> act(v.A, B, a, Tensor(), true);
   at::parallel_for(0, B, grain_rows((K + 1) * d), [&](int64_t b0, int64_t b1) {
-    std::vector<T> d1(d), d2(d), t(K * d), acc(d);
+    std::vector<T> buf(d), t(K * d), acc(d);
     for (int64_t b = b0; b < b1; ++b) {
-      act_row<T>(a.code, v.P + b * d, d, q0, q1, nullptr, d1.data(), d2on ? d2.data() : nullptr);
+      const T* d1 = act.d1(b, buf.data());
       for (int64_t k = 0; k < K; ++k) {
         const T* at = v.At + k * v.sK + b * v.sB;
         T* o = t.data() + k * d;
@@ -173,17 +251,19 @@ void gram_backward(const View<T>& v, const T* Gs, T* Abar, int64_t K, int64_t B,
           const T* x = t.data() + l * d;
           for (int64_t i = 0; i < d; ++i) o[i] += c * x[i];
         }
-        if (d2on) {
+        if (act.d2on) {
           const T* at = v.At + k * v.sK + b * v.sB;
           for (int64_t i = 0; i < d; ++i) acc[i] += at[i] * o[i];
         }
         for (int64_t i = 0; i < d; ++i) o[i] *= d1[i];
       }
       T* o0 = Abar + b * d;
-      if (d2on)
+      if (act.d2on) {
+        const T* d2 = act.d2(b);
         for (int64_t i = 0; i < d; ++i) o0[i] = d2[i] * acc[i];
-      else
+      } else {
         std::fill(o0, o0 + d, T(0));
+      }
     }
   });
 }
@@ -193,26 +273,27 @@ void gram_backward(const View<T>& v, const T* Gs, T* Abar, int64_t K, int64_t B,
 template <typename T>
 void bwd_prologue(const View<T>& v, T* Sb, const T* extra, int64_t K, int64_t B, Act a) {
   const int64_t d = v.d;
-  const T q0 = T(a.q0), q1 = T(a.q1);
-  const bool d2on = act_has_d2(a.code);
+  const Derivs<T> act(v.A, B, a, Tensor(), true);
   at::parallel_for(0, B, grain_rows((K + 1) * d), [&](int64_t b0, int64_t b1) {
-    std::vector<T> d1(d), d2(d), acc(d);
+    std::vector<T> buf(d), acc(d);
     for (int64_t b = b0; b < b1; ++b) {
-      act_row<T>(a.code, v.P + b * d, d, q0, q1, nullptr, d1.data(), d2on ? d2.data() : nullptr);
-      if (d2on) std::fill(acc.begin(), acc.end(), T(0));
+      const T* d1 = act.d1(b, buf.data());
+      if (act.d2on) std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t k = 0; k < K; ++k) {
         T* sb = Sb + ((k + 1) * B + b) * d;
-        if (d2on) {
+        if (act.d2on) {
           const T* at = v.At + k * v.sK + b * v.sB;
           for (int64_t i = 0; i < d; ++i) acc[i] += at[i] * sb[i];
         }
         for (int64_t i = 0; i < d; ++i) sb[i] *= d1[i];
       }
       T* s0 = Sb + b * d;
-      if (d2on)
+      if (act.d2on) {
+        const T* d2 = act.d2(b);
         for (int64_t i = 0; i < d; ++i) s0[i] = d1[i] * s0[i] + d2[i] * acc[i];
-      else
+      } else {
         for (int64_t i = 0; i < d; ++i) s0[i] *= d1[i];
+      }
       if (extra != nullptr) {
         const T* e = extra + b * d;
         for (int64_t i = 0; i < d; ++i) s0[i] += e[i];
@@ -221,14 +302,16 @@ void bwd_prologue(const View<T>& v, T* Sb, const T* extra, int64_t K, int64_t B,
   });
 }
 
-// Hutchinson VJP chain step: out_k = s'(p) c_k for K streams of B rows.
+// Hutchinson VJP chain step: out_k = s'(p) c_k for K streams of B rows (A: the layer's saved
+// pre-activations, primal block first).
 template <typename T>
-void gate_rows(const T* P, const T* c, T* out, int64_t K, int64_t B, int64_t d, Act a) {
-  const T q0 = T(a.q0), q1 = T(a.q1);
+void gate_rows(const Tensor& A, const T* c, T* out, int64_t K, int64_t B, Act a) {
+  const int64_t d = A.size(1);
+  const Derivs<T> act(A, B, a, Tensor(), false);
   at::parallel_for(0, B, grain_rows(K * d), [&](int64_t b0, int64_t b1) {
-    std::vector<T> d1(d);
+    std::vector<T> buf(d);
     for (int64_t b = b0; b < b1; ++b) {
-      act_row<T>(a.code, P + b * d, d, q0, q1, nullptr, d1.data(), nullptr);
+      const T* d1 = act.d1(b, buf.data());
       for (int64_t k = 0; k < K; ++k) {
         const T* x = c + (k * B + b) * d;
         T* o = out + (k * B + b) * d;
@@ -241,26 +324,27 @@ void gate_rows(const T* P, const T* c, T* out, int64_t K, int64_t B, int64_t d, 
 // Backward of one VJP-chain step: gated = s'(p) c, grad_p = s''(p) sum_k c_k gg_k (if s'' != 0),
 // gg_k <- s'(p) gg_k in place (the next cotangent gradient).
 template <typename T>
-void chain_backward(const T* P, const T* c, T* gg, T* gated, T* grad_p, int64_t K, int64_t B, int64_t d, Act a) {
-  const T q0 = T(a.q0), q1 = T(a.q1);
-  const bool d2on = act_has_d2(a.code) && grad_p != nullptr;
+void chain_backward(const Tensor& A, const T* c, T* gg, T* gated, T* grad_p, int64_t K, int64_t B, Act a) {
+  const int64_t d = A.size(1);
+  const Derivs<T> act(A, B, a, Tensor(), grad_p != nullptr);
   at::parallel_for(0, B, grain_rows(K * d), [&](int64_t b0, int64_t b1) {
-    std::vector<T> d1(d), d2(d), acc(d);
+    std::vector<T> buf(d), acc(d);
     for (int64_t b = b0; b < b1; ++b) {
-      act_row<T>(a.code, P + b * d, d, q0, q1, nullptr, d1.data(), d2on ? d2.data() : nullptr);
-      if (d2on) std::fill(acc.begin(), acc.end(), T(0));
+      const T* d1 = act.d1(b, buf.data());
+      if (act.d2on) std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t k = 0; k < K; ++k) {
         const T* x = c + (k * B + b) * d;
         T* g = gg + (k * B + b) * d;
         T* o = gated + (k * B + b) * d;
-        if (d2on)
+        if (act.d2on)
           for (int64_t i = 0; i < d; ++i) acc[i] += x[i] * g[i];
         for (int64_t i = 0; i < d; ++i) {
           o[i] = d1[i] * x[i];
           g[i] *= d1[i];
         }
       }
-      if (d2on) {
+      if (act.d2on) {
+        const T* d2 = act.d2(b);
         T* o = grad_p + b * d;
         for (int64_t i = 0; i < d; ++i) o[i] = d2[i] * acc[i];
       }
@@ -310,11 +394,6 @@ void check_bias(const char* op, const Tensor& w, const OptTensor& b, size_t l) {
   TORCH_CHECK(b->device().is_cpu(), op, ": biases[", l, "] must be a CPU tensor, got device ", b->device());
 }
 
-template <typename T>
-const T* bias_ptr(const std::vector<Tensor>& b, size_t l) {
-  return b[l].defined() ? b[l].data_ptr<T>() : nullptr;
-}
-
 std::vector<Tensor> contig(const std::vector<Tensor>& xs) {
   std::vector<Tensor> out;
   out.reserve(xs.size());
@@ -333,9 +412,8 @@ std::vector<Tensor> contig_bias(const char* op, const std::vector<Tensor>& w, co
 
 template <typename T>
 View<T> stacked_view(const Tensor& A, int64_t B) {
-  T* p = A.data_ptr<T>();
   const int64_t d = A.size(1);
-  return View<T>{p, p + B * d, B * d, d, d};
+  return View<T>{A, A.data_ptr<T>() + B * d, B * d, d, d};
 }
 
 }  // namespace
@@ -363,23 +441,23 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_pullback_forward(
     Tensor P1 = bias[0].defined() ? at::addmm(bias[0], z, W[0].t()) : at::mm(z, W[0].t());
     saved.push_back(z);
     saved.push_back(P1);
-    const View<T> v1{P1.data_ptr<T>(), W1t.data_ptr<T>(), d1, 0, d1};
+    const View<T> v1{P1, W1t.data_ptr<T>(), d1, 0, d1};
     if (L == 1) {
-      gram_epilogue<T>(v1, nullptr, H.data_ptr<T>(), K, B, act_at(acts, 0));
+      gram_epilogue<T>(v1, Tensor(), H.data_ptr<T>(), K, B, act_at(acts, 0));
       return;
     }
     Tensor S = at::empty({(K + 1) * B, d1}, z.options());
-    fwd_epilogue<T>(v1, nullptr, S.data_ptr<T>(), true, K, B, act_at(acts, 0));
+    fwd_epilogue<T>(v1, Tensor(), S, true, K, B, act_at(acts, 0));
     for (size_t l = 1; l < L; ++l) {
       Tensor A = at::mm(S, W[l].t());
       saved.push_back(S);
       saved.push_back(A);
       const View<T> v = stacked_view<T>(A, B);
       if (l == L - 1) {
-        gram_epilogue<T>(v, bias_ptr<T>(bias, l), H.data_ptr<T>(), K, B, act_at(acts, l));
+        gram_epilogue<T>(v, bias[l], H.data_ptr<T>(), K, B, act_at(acts, l));
       } else {
         Tensor Sn = at::empty_like(A);
-        fwd_epilogue<T>(v, bias_ptr<T>(bias, l), Sn.data_ptr<T>(), true, K, B, act_at(acts, l));
+        fwd_epilogue<T>(v, bias[l], Sn, true, K, B, act_at(acts, l));
         S = Sn;
       }
     }
@@ -408,7 +486,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_pullback_backwa
     const Tensor W1t = W[0].t().contiguous();
     const int64_t d1 = W[0].size(0);
     auto view = [&](size_t l) -> View<T> {
-      if (l == 0) return View<T>{saved[1].data_ptr<T>(), W1t.data_ptr<T>(), d1, 0, d1};
+      if (l == 0) return View<T>{saved[1], W1t.data_ptr<T>(), d1, 0, d1};
       return stacked_view<T>(saved[2 * l + 1], B);
     };
     Tensor Abar = at::empty({(K + 1) * B, W[L - 1].size(0)}, z.options());
@@ -462,7 +540,7 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
       saved.push_back(S);
       saved.push_back(A);
       Tensor Sn = at::empty_like(A);
-      fwd_epilogue<T>(stacked_view<T>(A, B), bias_ptr<T>(bias, l), Sn.data_ptr<T>(), l + 1 < L, K, B,
+      fwd_epilogue<T>(stacked_view<T>(A, B), bias[l], Sn, l + 1 < L, K, B,
                       act_at(acts, l));
       S = Sn;
     }
@@ -474,7 +552,7 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
       chain[li] = c;
       const int64_t d = W[li].size(0);
       Tensor g = at::empty({K * B, d}, c.options());
-      gate_rows<T>(saved[2 * li + 1].data_ptr<T>(), c.data_ptr<T>(), g.data_ptr<T>(), K, B, d, act_at(acts, li));
+      gate_rows<T>(saved[2 * li + 1], c.data_ptr<T>(), g.data_ptr<T>(), K, B, act_at(acts, li));
       c = at::mm(g, W[li]);
     }
     for (const auto& x : chain) saved.push_back(x);
@@ -536,8 +614,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_back
       Tensor gg = at::mm(grad_c, W[l].t());
       Tensor gated = at::empty_like(cl);
       if (act_has_d2(int(acts.codes[l]))) gp_chain[l] = at::empty({B, d}, cl.options());
-      chain_backward<T>(saved[2 * l + 1].data_ptr<T>(), cl.data_ptr<T>(), gg.data_ptr<T>(), gated.data_ptr<T>(),
-                        gp_chain[l].defined() ? gp_chain[l].data_ptr<T>() : nullptr, K, B, d, act_at(acts, l));
+      chain_backward<T>(saved[2 * l + 1], cl.data_ptr<T>(), gg.data_ptr<T>(), gated.data_ptr<T>(),
+                        gp_chain[l].defined() ? gp_chain[l].data_ptr<T>() : nullptr, K, B, act_at(acts, l));
       gw_chain[l] = at::mm(gated.t(), grad_c);
       grad_c = gg;
     }
