@@ -19,9 +19,9 @@ from isofast.ops.tangent_gram import cuda_reductions
 
 #: ``estimator="auto"`` takes the exact metric up to this latent width and Hutchinson above it:
 #: exact wherever it costs no more than the official one-probe Hutchinson estimator. Measured
-#: (benchmarks/results/cpu, paper decoder, batch 1024, fwd+bwd, exact / Hutchinson K=1 time):
-#: 0.86 at m = 2, 1.55 at m = 4, 3.35 at m = 8, 6.4 at m = 16, while one probe leaves a relative
-#: standard deviation of 60% (m = 2) to 170% (m = 64) in the parameter gradient. Ask for
+#: (benchmarks/results/cpu, paper decoder, batch 1024, fwd+bwd, cpu backend, exact / Hutchinson
+#: K=1 time): 0.94 at m = 2, 1.8 at m = 4, 3.0 at m = 8, 5.8 at m = 16, while one probe leaves a
+#: relative standard deviation of 60% (m = 2) to 170% (m = 64) in the parameter gradient. Ask for
 #: ``estimator="exact"`` to buy zero variance at larger m.
 EXACT_MAX_LATENT = 2
 
