@@ -281,6 +281,18 @@ def test_checkpoint_is_loadable_with_weights_only(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the atomic write left no temp file
 
 
+def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path, monkeypatch):
+    import isofast.training.loop as loop
+
+    saved_epochs: list[int] = []
+    real_save = loop.atomic_save
+    monkeypatch.setattr(loop, "atomic_save", lambda obj, path: (saved_epochs.append(obj["epoch"]), real_save(obj, path)))
+    train(_tiny_config(tmp_path, epochs=5, checkpoint_every=2))
+    assert saved_epochs == [2, 4, 5]
+    with pytest.raises(ValueError, match="checkpoint-every"):
+        train(_tiny_config(tmp_path / "x", epochs=1, checkpoint_every=0))
+
+
 def test_cli_train_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli_main(["train", "--threads", "0", "--dataset", "digits", "--digits", "0,1,5", "--model", "irvae", "--latent-dim", "2",

@@ -30,6 +30,7 @@ SWEEP_DEFAULTS: dict[str, object] = {
     "hidden": "256,256,256,256",
     "jobs": 2,
     "threads": 1,
+    "checkpoint_every": 10,  # a checkpoint per epoch would write ~15 GB over the full grid
 }
 
 
@@ -48,7 +49,8 @@ def _measures(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.set_defaults(epochs=SWEEP_DEFAULTS["epochs"], n_samples=SWEEP_DEFAULTS["n_samples"],
-                        hidden=SWEEP_DEFAULTS["hidden"], threads=SWEEP_DEFAULTS["threads"], measure=None)
+                        hidden=SWEEP_DEFAULTS["hidden"], threads=SWEEP_DEFAULTS["threads"], measure=None,
+                        checkpoint_every=SWEEP_DEFAULTS["checkpoint_every"])
     parser.add_argument("--model", default="irvae", choices=("irvae", "irae"),
                         help="regularised model (baseline: vae for irvae, ae for irae)")
     parser.add_argument("--measures", type=_measures, default=["isometry", "scaled_isometry", "conformal", "volume"],

@@ -55,6 +55,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op CPU threads (default 1, like torchrun; 0 = torch's default, one per core)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or per-epoch lines")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="write OUT/checkpoint.pt every N epochs (the last epoch always); --resume continues from it")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +76,7 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "batch_size": args.batch_size, "lr": args.lr, "init_sigma": args.init_sigma, "eta": args.eta, "estimator": args.estimator,
         "n_probes": args.n_probes, "decoder": args.decoder,
         "hidden": [int(h) for h in str(args.hidden).split(",") if h], "n_samples": args.n_samples,
-        "device": args.device, "progress": args.progress,
+        "device": args.device, "progress": args.progress, "checkpoint_every": args.checkpoint_every,
     }
 
 

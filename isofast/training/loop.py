@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     tensorboard: bool = False
+    checkpoint_every: int = 1
     progress: bool = True
     eval_points: int = 2000
 
@@ -108,6 +109,8 @@ class TrainConfig:
         """A copy with every ``None`` default filled in from :data:`DATASET_DEFAULTS`."""
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         d = DATASET_DEFAULTS[self.dataset]
         c = dataclasses.replace(self, hidden=list(self.hidden))
         c.lr = d["lr"] if c.lr is None else c.lr
@@ -441,8 +444,9 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "reg": 0.0}
         step_time = reg_time = 0.0
         n = 0
+        # disable=None: tqdm draws the bar only on a terminal (a log file keeps the epoch lines).
         bar = tqdm(batches, desc=f"{config.model} epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and info.is_main), dynamic_ncols=True)
+                   disable=None if config.progress and info.is_main else True, dynamic_ncols=True)
         t_epoch = time.perf_counter()
         for idx in bar:
             parts = train_step(ddp_model, train_x[idx], optimizer, timer)
@@ -462,9 +466,11 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
             row.update({f"val_{k}": v for k, v in val.items()})
         history.append(row)
         rngs = D.gather_objects(rng_state(generator), info)
-        if info.is_main:
+        last = epoch + 1 == config.epochs
+        if info.is_main and (last or (epoch + 1) % config.checkpoint_every == 0):
             atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "history": history, "config": dataclasses.asdict(config), "rng": rngs}, ckpt_path)
+        if info.is_main:
             _write_csv(os.path.join(out, LOG_FILE), history)
             tb.log(row)
             if config.progress:
