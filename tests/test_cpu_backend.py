@@ -218,3 +218,32 @@ def test_no_ext_env_disables(cpu_ext, monkeypatch):
         monkeypatch.delenv("ISOFAST_NO_EXT")
         _ext.reset()
         backends.refresh()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("widths", [[3, 7, 5, 6], [2, 9]])
+def test_custom_ops_opcheck(cpu_ext, dtype, widths):
+    """The ``isofast::cpu_*`` custom ops (what torch.compile traces) pass torch.library.opcheck:
+    schema, fake (shape-only) implementations, and tracing; a bias-free layer included."""
+    from isofast.backends.cpu_backend import act_args
+
+    dec = make_mlp(widths, act="softplus", dtype=dtype, seed=3)
+    spec, _ = extract_mlp(dec)
+    gen = torch.Generator().manual_seed(0)
+    weights = [w.detach() for w in spec.weights]
+    biases = [None if i == 1 else (b.detach() if b is not None else None) for i, b in enumerate(spec.biases)]
+    has_bias = [b is not None for b in biases]
+    acts = act_args(spec.activations)
+    z = torch.randn(4, widths[0], generator=gen, dtype=dtype)
+    probes = torch.randn(4, 3, widths[0], generator=gen, dtype=dtype)
+    ops = torch.ops.isofast
+
+    torch.library.opcheck(ops.cpu_mlp_pullback_forward, (z, weights, biases, *acts))
+    h, saved = cpu_ext.mlp_pullback_forward(z, weights, biases, spec.activations)
+    grad_h = torch.randn(h.shape, generator=gen, dtype=dtype)
+    torch.library.opcheck(ops.cpu_mlp_pullback_backward, (grad_h, weights, has_bias, *acts, list(saved)))
+
+    torch.library.opcheck(ops.cpu_mlp_hutchinson_forward, (z, probes, weights, biases, *acts))
+    st, saved = cpu_ext.mlp_hutchinson_forward(z, probes, weights, biases, spec.activations)
+    grad_st = torch.randn(st.shape, generator=gen, dtype=dtype)
+    torch.library.opcheck(ops.cpu_mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved)))
