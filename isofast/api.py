@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from isofast._checks import ESTIMATORS, check_choice, check_eta
 from isofast.generic import generic_hutchinson, generic_pullback
 from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
-from isofast.mixup import mixup
+from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
 
@@ -74,7 +74,7 @@ def distortion(
     """
     p = plan(decoder, z, measure, eta=eta, estimator=estimator, n_probes=n_probes, probes=probes,
              generator=generator, sync=sync)
-    z_aug = mixup(z, eta, generator)
+    z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
     mean = BatchMean(sync)
     if p.estimator == "exact":
         return from_metric(measure, _metric(p, decoder, z_aug), mean)

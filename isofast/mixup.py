@@ -17,9 +17,14 @@ def mixup(z: Tensor, eta: float | None = 0.2, generator: torch.Generator | None 
     """
     check_z(z)
     check_eta(eta)
+    check_generator(generator, z)
+    return mixup_unchecked(z, eta, generator)
+
+
+def mixup_unchecked(z: Tensor, eta: float | None, generator: torch.Generator | None) -> Tensor:
+    """:func:`mixup` for arguments already validated (by ``plan``): no second host read of ``z``."""
     if eta is None:
         return z
-    check_generator(generator, z)
     bsz = z.shape[0]
     perm = torch.randperm(bsz, generator=generator, device=z.device)
     alpha = torch.rand(bsz, 1, generator=generator, device=z.device, dtype=z.dtype) * (1 + 2 * eta) - eta
