@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
 ESTIMATORS = ("auto", "exact", "hutchinson")
 
-#: Run value checks that read tensors back to the host (NaN/Inf in ``z``). They are skipped while
-#: torch.compile traces or a CUDA graph captures, where a host read is impossible or a sync.
-check_values = True
+#: Largest accepted mixup range ``eta``: ``alpha ~ U[-eta, 1 + eta]`` extrapolates codes up to
+#: ``eta`` pair distances past either partner. Beyond a thousand pair distances the codes are far
+#: from any data, and a bound keeps ``alpha * z`` finite for every finite ``z`` of sane scale.
+ETA_MAX = 1000.0
 
 
-def _can_read_values() -> bool:
-    if not check_values or torch.compiler.is_compiling():
+def can_read_values() -> bool:
+    """Whether value checks may read tensors back to the host (NaN/Inf, scale): not while
+    torch.compile traces or a CUDA graph captures, where a host read is impossible or a sync."""
+    if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -29,15 +35,22 @@ def check_z(z: object) -> None:
         raise ValueError("z must hold at least one code, got an empty batch (B = 0)")
     if z.shape[1] == 0:
         raise ValueError("z must have a latent width m >= 1, got m = 0")
-    if _can_read_values() and not bool(torch.isfinite(z).all()):
+    if z.device.type == "meta":
+        raise ValueError("z must hold values on a real device (cpu, cuda, ...), got a tensor on the meta device")
+    if can_read_values() and not bool(torch.isfinite(z).all()):
         raise ValueError("z must be finite, got NaN or Inf entries")
 
 
-def check_eta(eta: object) -> None:
+def check_eta(eta: object) -> float | None:
+    """``eta`` as a float (any real number type, numpy scalars included), or ``None``."""
     if eta is None:
-        return
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be None or a float >= 0, got {eta!r}")
+        return None
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"eta must be None or a real number in [0, {ETA_MAX:g}], got {type(eta).__name__}")
+    value = float(eta)
+    if not (math.isfinite(value) and 0 <= value <= ETA_MAX):
+        raise ValueError(f"eta must be None or a real number in [0, {ETA_MAX:g}] (isofast._checks.ETA_MAX), got {eta!r}")
+    return value
 
 
 def check_generator(generator: object, z: Tensor) -> None:
@@ -64,3 +77,5 @@ def check_probes(probes: object, z: Tensor) -> None:
         raise TypeError(
             f"probes must match z's dtype and device ({z.dtype}, {z.device}), got ({probes.dtype}, {probes.device})"
         )
+    if can_read_values() and not bool(torch.isfinite(probes).all()):
+        raise ValueError("probes must be finite, got NaN or Inf entries")

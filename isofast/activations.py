@@ -115,24 +115,23 @@ class Activation:
 IDENTITY = Activation("identity")
 
 
+#: Exact module type -> the :class:`Activation` it computes. Subclasses are not listed: they may
+#: override ``forward``, and the fused path would not run their code.
+_FROM_TYPE = {
+    nn.Identity: lambda m: IDENTITY,
+    nn.ReLU: lambda m: Activation("relu"),
+    nn.LeakyReLU: lambda m: Activation("leaky_relu", (float(m.negative_slope),)),
+    nn.ELU: lambda m: Activation("elu", (float(m.alpha),)),
+    nn.SiLU: lambda m: Activation("silu"),
+    nn.Softplus: lambda m: Activation("softplus", (float(m.beta), float(m.threshold))),
+    nn.Tanh: lambda m: Activation("tanh"),
+    nn.Sigmoid: lambda m: Activation("sigmoid"),
+    nn.GELU: lambda m: Activation("gelu_tanh" if m.approximate == "tanh" else "gelu"),
+}
+
+
 def from_module(module: nn.Module) -> Activation | None:
-    """The :class:`Activation` a module computes, or ``None`` if it is not a supported activation."""
-    if isinstance(module, nn.Identity):
-        return IDENTITY
-    if isinstance(module, nn.ReLU):
-        return Activation("relu")
-    if isinstance(module, nn.LeakyReLU):
-        return Activation("leaky_relu", (float(module.negative_slope),))
-    if isinstance(module, nn.ELU):
-        return Activation("elu", (float(module.alpha),))
-    if isinstance(module, nn.SiLU):
-        return Activation("silu")
-    if isinstance(module, nn.Softplus):
-        return Activation("softplus", (float(module.beta), float(module.threshold)))
-    if isinstance(module, nn.Tanh):
-        return Activation("tanh")
-    if isinstance(module, nn.Sigmoid):
-        return Activation("sigmoid")
-    if isinstance(module, nn.GELU):
-        return Activation("gelu_tanh" if module.approximate == "tanh" else "gelu")
-    return None
+    """The :class:`Activation` a module computes, or ``None`` if it is not exactly one of the
+    supported activation classes (a subclass is ``None``: its ``forward`` may differ)."""
+    make = _FROM_TYPE.get(type(module))
+    return None if make is None else make(module)

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from isofast._checks import ESTIMATORS, check_choice, check_eta
+from isofast import scale
+from isofast._checks import ESTIMATORS, can_read_values, check_choice, check_eta
 from isofast.generic import generic_hutchinson, generic_pullback
 from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
@@ -18,15 +19,32 @@ Decoder = Callable[[Tensor], Tensor]
 
 
 def _metric(p: Plan, decoder: Decoder, z: Tensor) -> Tensor:
-    if p.path == "fused_mlp":
+    if p.path != "fused_mlp":
+        return generic_pullback(decoder, z)
+    if p.compute_dtype is None:
         return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
-    return generic_pullback(decoder, z)
+    # Under autocast the op gets its inputs in the planned dtype (and keeps autocast out of its kernels).
+    return mlp_pullback(p.backend_impl, p.spec.to(p.compute_dtype), z.to(p.compute_dtype))  # type: ignore[arg-type, union-attr]
 
 
 def _stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
-    if p.path == "fused_mlp":
+    if p.path != "fused_mlp":
+        return generic_hutchinson(decoder, z, probes)
+    if p.compute_dtype is None:
         return mlp_hutchinson(p.backend_impl, p.spec, z, probes)  # type: ignore[arg-type]
-    return generic_hutchinson(decoder, z, probes)
+    dt = p.compute_dtype
+    return mlp_hutchinson(p.backend_impl, p.spec.to(dt), z.to(dt), probes.to(dt))  # type: ignore[arg-type, union-attr]
+
+
+def _scaled_stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor, measure: str, mean: BatchMean) -> Tensor:
+    """Hutchinson ``stats (B, K, 2)``; for a ratio measure, recomputed with rescaled probes when the
+    first ones are out of range (:func:`isofast.scale.probe_rescale`; eager mode only)."""
+    stats = _stats(p, decoder, z, probes)
+    if measure in scale.SCALE_INVARIANT and can_read_values():
+        factor = scale.probe_rescale(stats, mean.group)
+        if factor is not None:
+            stats = _stats(p, decoder, z, probes * factor)
+    return stats
 
 
 def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
@@ -61,11 +79,12 @@ def distortion(
             ``"isometry"`` (``mean Tr (H - I)^2``), ``"conformal"`` (``mean Tr H^2 / (Tr H)^2``),
             ``"volume"`` (variance of ``logdet H``, exact only) or ``"jacobian_frobenius"``
             (``mean Tr H``). Means are over the augmented batch.
-        eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``; ``None`` uses ``z`` as given.
+        eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``, a real number in
+            ``[0, isofast._checks.ETA_MAX]`` (1000); ``None`` uses ``z`` as given.
         estimator: ``"exact"`` (H from ``m`` tangent streams), ``"hutchinson"`` (``Tr H = E||Jv||^2``,
             ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``) or ``"auto"`` (exact for
             ``m <= isofast.planning.EXACT_MAX_LATENT``).
-        n_probes: Hutchinson probes per sample ``K`` (default 1).
+        n_probes: Hutchinson probes per sample ``K`` (default 1); refused with ``estimator="exact"``.
         probes: explicit Gaussian probes ``(B, K, m)`` for Hutchinson, for reproducibility.
         generator: drives the mixup and probe draws, on ``z``'s device.
         sync: ``True`` or a process group to average over the global batch of all ranks.
@@ -77,11 +96,16 @@ def distortion(
     z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
     mean = BatchMean(sync)
     if p.estimator == "exact":
-        return from_metric(measure, _metric(p, decoder, z_aug), mean)
-    if probes is None:
-        probes = torch.randn(z.shape[0], p.n_probes, z.shape[1], generator=generator, device=z.device, dtype=z.dtype)
-    stats = _stats(p, decoder, z_aug, probes).mean(1)
-    return from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean)
+        value = from_metric(measure, _metric(p, decoder, z_aug), mean)
+    else:
+        if probes is None:
+            probes = torch.randn(z.shape[0], p.n_probes, z.shape[1], generator=generator, device=z.device,  # type: ignore[arg-type]
+                                 dtype=z.dtype)
+        stats = _scaled_stats(p, decoder, z_aug, probes, measure, mean).mean(1)
+        value = from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean)
+    if can_read_values():
+        scale.check_representable(value, measure)
+    return value
 
 
 def relaxed_distortion(
@@ -120,8 +144,7 @@ class IsometricRegularizer(nn.Module):
         super().__init__()
         check_choice("measure", measure, list(MEASURES))
         check_choice("estimator", estimator, ESTIMATORS)
-        check_eta(eta)
-        self.measure, self.weight, self.eta = measure, float(weight), eta
+        self.measure, self.weight, self.eta = measure, float(weight), check_eta(eta)
         self.estimator, self.n_probes, self.sync = estimator, n_probes, sync
 
     def forward(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None) -> Tensor:

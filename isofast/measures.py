@@ -5,6 +5,9 @@ Each measure is a function of per-sample statistics of the pullback metric ``H_b
 Batch means go through a :class:`BatchMean`, which can all-reduce them across processes so a
 data-parallel loss equals the single-process loss on the global batch.
 
+Scale: the ratio measures are computed from ``H`` normalised by a detached scale (see
+:mod:`isofast.scale`), so they are right in fp32 over Jacobian scales 1e-15 to 1e15.
+
 Degenerate decoders: where a ratio's denominator is zero (a Jacobian that vanishes on the whole
 batch, or at one sample for ``conformal``) the ratio is defined as ``0`` with zero gradient, and
 ``volume`` floors eigenvalues at the smallest normal number, so no measure returns NaN.
@@ -18,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from isofast import spectral
+from isofast.scale import SCALE_INVARIANT, normalise_metric
 
 #: Measure name -> the map class it asks for (also the order docs list them in).
 MEASURES: dict[str, str] = {
@@ -80,7 +84,11 @@ def from_traces(measure: str, tr: Tensor, tr2: Tensor, m: int, mean: BatchMean) 
 
 
 def from_metric(measure: str, h: Tensor, mean: BatchMean) -> Tensor:
-    """The measure from exact metrics ``H (B, m, m)``."""
+    """The measure from exact metrics ``H (B, m, m)``. Ratio measures see ``H`` divided by a
+    detached scale first (:mod:`isofast.scale`), so ``Tr H^2`` is representable at any Jacobian
+    scale whose ``H`` is."""
+    if measure in SCALE_INVARIANT:
+        h = normalise_metric(h, per_sample=measure == "conformal", group=mean.group)
     if measure == "volume":
         logdet = spectral.logdet(h)
         (centre,) = mean(logdet)

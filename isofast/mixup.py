@@ -16,7 +16,7 @@ def mixup(z: Tensor, eta: float | None = 0.2, generator: torch.Generator | None 
     Differentiable in ``z``, so gradients reach an encoder through both partners.
     """
     check_z(z)
-    check_eta(eta)
+    eta = check_eta(eta)
     check_generator(generator, z)
     return mixup_unchecked(z, eta, generator)
 
@@ -25,6 +25,7 @@ def mixup_unchecked(z: Tensor, eta: float | None, generator: torch.Generator | N
     """:func:`mixup` for arguments already validated (by ``plan``): no second host read of ``z``."""
     if eta is None:
         return z
+    eta = float(eta)  # numpy scalars: keep the arithmetic below in torch
     bsz = z.shape[0]
     perm = torch.randperm(bsz, generator=generator, device=z.device)
     alpha = torch.rand(bsz, 1, generator=generator, device=z.device, dtype=z.dtype) * (1 + 2 * eta) - eta

@@ -5,6 +5,13 @@ A decoder is fusable when it is an ``nn.Sequential`` (nested Sequentials are fla
 (:mod:`isofast.activations`), optionally ending in a per-sample reshape (``nn.Unflatten`` or
 ``nn.Flatten``). A wrapper module whose ``forward`` is such a Sequential followed by a reshape can
 opt in by defining ``isofast_sequential(self) -> nn.Sequential``.
+
+The fused path reads weights instead of calling modules, so it fuses only what is provably the
+plain computation: exact classes (a subclass may override ``forward``), no instance-level
+``forward``, no module hooks and no global module hooks (hook-based ``spectral_norm`` and
+``weight_norm`` are pre-hooks). Parametrized ``nn.Linear`` layers
+(``torch.nn.utils.parametrize``) are fused: reading ``weight`` evaluates the parametrization,
+as the module's forward would.
 """
 
 from __future__ import annotations
@@ -12,7 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.nn.modules.module as _module
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from isofast.activations import IDENTITY, Activation, from_module
 
@@ -36,6 +48,12 @@ class MLPSpec:
     def out_features(self) -> int:
         return self.weights[-1].shape[0]
 
+    def to(self, dtype: torch.dtype) -> MLPSpec:
+        """The same layers with parameters cast to ``dtype`` (differentiable casts; a no-op where
+        they already have it)."""
+        return MLPSpec(tuple(w.to(dtype) for w in self.weights),
+                       tuple(None if b is None else b.to(dtype) for b in self.biases), self.activations)
+
     def params(self) -> list[Tensor | None]:
         """``[W_1, b_1, W_2, b_2, ...]``: the flat argument list of the MLP autograd functions."""
         return interleave(self.weights, self.biases)
@@ -46,42 +64,134 @@ def interleave(weights: Sequence[Tensor | None], biases: Sequence[Tensor | None]
     return [x for pair in zip(weights, biases) for x in pair]
 
 
-def _flatten(seq: nn.Sequential) -> list[nn.Module]:
-    out: list[nn.Module] = []
-    for mod in seq:
-        out += _flatten(mod) if isinstance(mod, nn.Sequential) else [mod]
-    return out
+#: Hook dicts a module call runs: any entry means the call is not the plain computation.
+_HOOK_NAMES = {
+    "_forward_pre_hooks": "forward pre-hook",
+    "_forward_hooks": "forward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+    "_backward_hooks": "backward hook",
+}
+_GLOBAL_HOOKS = {
+    "forward pre-hook": "_global_forward_pre_hooks",
+    "forward hook": "_global_forward_hooks",
+    "backward pre-hook": "_global_backward_pre_hooks",
+    "backward hook": "_global_backward_hooks",
+}
+
+
+def _global_hooks() -> str | None:
+    """Why global module hooks (``torch.nn.modules.module.register_module_*_hook``) block fusion."""
+    for kind, attr in _GLOBAL_HOOKS.items():
+        if getattr(_module, attr):
+            return f"a global module {kind} is registered (torch.nn.modules.module.register_module_*_hook)"
+    return None
+
+
+def _hooks(mod: nn.Module) -> str | None:
+    """Why ``mod``'s own hooks or instance ``forward`` mean calling it is not its class's computation."""
+    if "forward" in vars(mod):
+        return "has an instance-level forward"
+    for attr in _HOOK_NAMES:
+        hooks = getattr(mod, attr)
+        if not hooks:
+            continue
+        for hook in hooks.values():
+            if isinstance(hook, SpectralNorm):
+                return ("has a hook-based torch.nn.utils.spectral_norm (use "
+                        "torch.nn.utils.parametrizations.spectral_norm to keep the fused path)")
+            if isinstance(hook, WeightNorm):
+                return ("has a hook-based torch.nn.utils.weight_norm (use "
+                        "torch.nn.utils.parametrizations.weight_norm to keep the fused path)")
+        return f"has a module {_HOOK_NAMES[attr]} ({len(hooks)} registered); the fused path would not run it"
+    return None
+
+
+def _base_type(mod: nn.Module) -> type:
+    """``type(mod)``, or for a parametrized module the class parametrize derived it from."""
+    cls = type(mod)
+    return cls.__mro__[1] if parametrize.is_parametrized(mod) else cls
+
+
+def _flatten(seq: nn.Sequential, prefix: str = "") -> tuple[list[tuple[str, nn.Module]], str | None]:
+    """``([(where, module), ...], why_not)``: leaves of nested exact Sequentials, or why not."""
+    out: list[tuple[str, nn.Module]] = []
+    for i, mod in enumerate(seq):
+        where = f"module {prefix}{i} ({type(mod).__name__})"
+        why = _hooks(mod)
+        if why is not None:
+            return out, f"{where} {why}"
+        if type(mod) is nn.Sequential:
+            inner, why = _flatten(mod, f"{prefix}{i}.")
+            out += inner
+            if why is not None:
+                return out, why
+        elif isinstance(mod, nn.Sequential):
+            return out, f"{where} is a subclass of nn.Sequential (its forward may differ); only nn.Sequential itself is fused"
+        else:
+            out.append((where, mod))
+    return out, None
+
+
+def _reshape_ok(mod: nn.Module) -> bool:
+    """Whether a trailing Flatten/Unflatten reshapes each sample (leaves the batch dimension alone)."""
+    if type(mod) is nn.Flatten:
+        return mod.start_dim in (1, -1) and mod.end_dim in (1, -1)
+    return type(mod) is nn.Unflatten and mod.dim in (1, -1)
 
 
 def extract_mlp(decoder: object) -> tuple[MLPSpec | None, str]:
     """``(spec, reason)``: the decoder's layers if it is fusable, else ``None`` and why not."""
-    hook = getattr(decoder, "isofast_sequential", None)
-    seq = hook() if callable(hook) else decoder
+    why = _global_hooks()
+    if why is not None:
+        return None, why
     name = type(decoder).__name__
-    if not isinstance(seq, nn.Sequential):
-        return None, f"decoder is a {name}, not an nn.Sequential (nor does it define isofast_sequential())"
-    modules = _flatten(seq)
+    hook = getattr(decoder, "isofast_sequential", None)
+    if callable(hook):
+        if isinstance(decoder, nn.Module):
+            why = _hooks(decoder)
+            if why is not None:
+                return None, f"decoder ({name}) {why}"
+        seq = hook()
+        if type(seq) is not nn.Sequential:
+            return None, f"{name}.isofast_sequential() returned a {type(seq).__name__}, not an nn.Sequential"
+    else:
+        seq = decoder
+        if type(seq) is not nn.Sequential:
+            if isinstance(seq, nn.Sequential):
+                return None, (f"decoder is a {name}, a subclass of nn.Sequential (its forward may differ); "
+                              "only nn.Sequential itself is fused")
+            return None, f"decoder is a {name}, not an nn.Sequential (nor does it define isofast_sequential())"
+    why = _hooks(seq)
+    if why is not None:
+        return None, f"decoder ({type(seq).__name__}) {why}"
+    modules, why = _flatten(seq)
+    if why is not None:
+        return None, why
     weights: list[Tensor] = []
     biases: list[Tensor | None] = []
     acts: list[Activation] = []
     reshaped = False
-    for i, mod in enumerate(modules):
-        where = f"module {i} ({type(mod).__name__})"
+    for where, mod in modules:
         if reshaped:
             return None, f"{where} follows the trailing reshape; only a final reshape is allowed"
-        if isinstance(mod, nn.Linear):
-            weights.append(mod.weight)
+        if _base_type(mod) is nn.Linear:
+            weights.append(mod.weight)  # evaluates a parametrization, as Linear.forward would
             biases.append(mod.bias)
             acts.append(IDENTITY)
             continue
-        if isinstance(mod, (nn.Unflatten, nn.Flatten)):
+        if parametrize.is_parametrized(mod):
+            return None, f"{where} is parametrized; only parametrized nn.Linear layers are fused"
+        if type(mod) in (nn.Unflatten, nn.Flatten):
+            if not _reshape_ok(mod):
+                return None, f"{where} reshapes the batch dimension; only a per-sample reshape (dim 1) is fused"
             reshaped = True
             continue
-        if isinstance(mod, nn.Dropout) and (mod.p == 0 or not mod.training):
+        if type(mod) is nn.Dropout and (mod.p == 0 or not mod.training):
             continue
         act = from_module(mod)
         if act is None:
-            return None, f"{where} is not nn.Linear, a supported activation or a trailing reshape"
+            return None, (f"{where} is not nn.Linear, a supported activation or a trailing reshape "
+                          "(exact classes only: a subclass may change forward)")
         if act == IDENTITY:
             continue
         if not weights:

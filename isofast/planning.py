@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from isofast import _checks, backends
-from isofast.backends.base import Backend
+from isofast.backends.base import Backend, acc_dtype
 from isofast.measures import EXACT_ONLY, MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
 from isofast.ops.tangent_gram import cuda_reductions
@@ -29,7 +29,12 @@ EXACT_MAX_LATENT = 2
 @dataclass(frozen=True)
 class Plan:
     """What a call does. ``path`` is ``"fused_mlp"`` or ``"generic"``; ``n_probes`` is ``None``
-    for the exact estimator; ``reasons`` maps ``"path"``, ``"backend"``, ``"estimator"`` to why."""
+    for the exact estimator; ``precision`` says in which dtypes the GEMMs run and the traces
+    accumulate (e.g. ``"bfloat16 GEMMs (autocast), float32 accumulation"``); ``reasons`` maps
+    ``"path"``, ``"backend"``, ``"estimator"`` and ``"precision"`` to why.
+
+    ``compute_dtype`` (fused path only) is the dtype the fused op runs in when it differs from the
+    inputs' or autocast is on: the call then casts to it and runs with autocast disabled."""
 
     path: str
     backend: str
@@ -37,15 +42,54 @@ class Plan:
     n_probes: int | None
     measure: str | None
     reasons: dict[str, str]
+    precision: str = ""
     spec: MLPSpec | None = field(default=None, repr=False, compare=False)
     backend_impl: Backend | None = field(default=None, repr=False, compare=False)
+    compute_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         probes = "" if self.n_probes is None else f", K={self.n_probes}"
         head = f"isofast plan: path={self.path}, backend={self.backend}, estimator={self.estimator}{probes}"
         if self.measure is not None:
             head += f", measure={self.measure}"
+        if self.precision:
+            head += f", precision={self.precision}"
         return "\n".join([head] + [f"  {k}: {v}" for k, v in self.reasons.items()])
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast casts GEMMs to on ``device``'s type, or ``None`` outside autocast."""
+    kind = device.type
+    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _check_params(spec: MLPSpec, z: Tensor, autocast: torch.dtype | None) -> torch.dtype:
+    """The decoder's parameter dtype, after checking every layer against ``z``: same device, and
+    the same dtype (under autocast any of float32/float16/bfloat16 mix, as in the module)."""
+    mixable = (torch.float32, torch.float16, torch.bfloat16)
+    dtype = spec.weights[0].dtype
+    for i, (w, b) in enumerate(zip(spec.weights, spec.biases)):
+        for what, t in (("weight", w), ("bias", b)):
+            if t is None:
+                continue
+            where = f"the decoder's nn.Linear layer {i} {what}"
+            if t.device != z.device:
+                raise ValueError(f"z must be on the decoder's device: {where} is on {t.device}, z on {z.device}")
+            if t.dtype == z.dtype and t.dtype == dtype:
+                continue
+            if autocast is not None and t.dtype in mixable and z.dtype in mixable and dtype in mixable:
+                continue
+            raise TypeError(
+                f"z must have the decoder's dtype: {where} is {t.dtype}, the first weight {dtype}, z {z.dtype}"
+                + ("" if autocast is None else " (autocast mixes only float32, float16 and bfloat16)")
+            )
+    return dtype
 
 
 def _path(decoder: object, z: Tensor) -> tuple[MLPSpec | None, str]:
@@ -59,15 +103,41 @@ def _path(decoder: object, z: Tensor) -> tuple[MLPSpec | None, str]:
     m = z.shape[1]
     if spec.in_features != m:
         raise ValueError(f"z has latent width m = {m} but the decoder's first nn.Linear expects {spec.in_features}")
-    w = spec.weights[0]
-    if w.dtype != z.dtype:
-        raise TypeError(f"z must have the decoder's dtype {w.dtype}, got {z.dtype}")
-    if w.device != z.device:
-        raise ValueError(f"z must be on the decoder's device {w.device}, got {z.device}")
     return spec, why
 
 
-def _estimator(estimator: str, measure: str | None, m: int, probes: Tensor | None) -> tuple[str, str]:
+def _fused_precision(impl: Backend, z: Tensor, dtype: torch.dtype,
+                     autocast: torch.dtype | None) -> tuple[torch.dtype | None, str, str]:
+    """``(compute_dtype, precision, why)`` of the fused op for parameters of ``dtype``."""
+    acc = _name(acc_dtype(dtype))
+    if autocast is None or dtype == torch.float64 or z.dtype == torch.float64:
+        gemm = _name(dtype)
+        if impl.name == "triton" and backends.current_precision() != "fp32" and dtype == torch.float32:
+            gemm = f"{backends.current_precision()} operands"
+            return None, f"{gemm} GEMMs, {acc} accumulation", "set by isofast.backends.precision"
+        why = "autocast does not apply to float64" if autocast is not None else "the decoder's dtype"
+        return None, f"{gemm} GEMMs, {acc} accumulation", why
+    ok, not_why = impl.supports(z.device, autocast)
+    if ok:
+        return autocast, f"{_name(autocast)} GEMMs (autocast), float32 accumulation", \
+            f"autocast {_name(autocast)}; traces and the loss accumulate and return in float32"
+    return torch.float32, "float32 GEMMs, float32 accumulation", \
+        f"autocast asks for {_name(autocast)} but the {impl.name} backend cannot run it ({not_why}): it runs float32"
+
+
+def _generic_precision(z: Tensor, autocast: torch.dtype | None) -> tuple[str, str]:
+    acc = _name(acc_dtype(z.dtype))
+    if autocast is None or z.dtype == torch.float64:
+        return f"{_name(z.dtype)} GEMMs, {acc} accumulation", "the decoder runs in its own dtypes"
+    return f"autocast {_name(autocast)} GEMMs, {acc} accumulation", f"the decoder runs under autocast {_name(autocast)}"
+
+
+def _estimator(
+    estimator: str, measure: str | None, m: int, probes: Tensor | None, n_probes: int | None
+) -> tuple[str, str]:
+    if n_probes is not None and estimator == "exact":
+        raise ValueError(f"n_probes is only used by estimator='hutchinson' (or 'auto'), got n_probes={n_probes} "
+                         "with estimator='exact'")
     if probes is not None:
         if estimator == "exact":
             raise ValueError("probes are only used by estimator='hutchinson' (or 'auto'), got estimator='exact'")
@@ -81,6 +151,8 @@ def _estimator(estimator: str, measure: str | None, m: int, probes: Tensor | Non
             chosen, why = "hutchinson", f"auto: latent width m = {m} > {EXACT_MAX_LATENT}, exact would carry m streams and cost more than one probe"
     else:
         chosen, why = estimator, "requested"
+    if chosen == "exact" and n_probes is not None:
+        why += f"; n_probes={n_probes} is unused (it applies to the Hutchinson estimator only)"
     if chosen == "hutchinson" and measure in EXACT_ONLY:
         raise ValueError(f"measure {measure!r} needs estimator='exact' (it uses det H), got estimator={estimator!r}")
     return chosen, why
@@ -125,26 +197,33 @@ def plan(
             raise ValueError("pullback_metric is exact; estimator='hutchinson' and probes do not apply")
         chosen, est_why = "exact", "the pullback metric is computed exactly"
     else:
-        chosen, est_why = _estimator(estimator, measure, m, probes)
+        chosen, est_why = _estimator(estimator, measure, m, probes, n_probes)
     k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or 1))
 
     spec, path_why = _path(decoder, z)
+    autocast = autocast_dtype(z.device)
     if spec is None:
         forced = backends.forced()
         if forced not in (None, "torch"):
             raise ValueError(f"backend {forced!r} runs only the fused MLP path, but this decoder is not fusable: {path_why}")
         on_cuda, reduce_why = cuda_reductions(z.device)
         reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
+        precision, prec_why = _generic_precision(z, autocast)
         return Plan(
             "generic", "torch", chosen, k, measure,
             {"path": f"generic: {path_why}",
              "backend": f"torch: the generic path uses PyTorch forward-mode AD; its Gram/trace reductions "
                         f"run {reductions} ({reduce_why})",
-             "estimator": est_why},
+             "estimator": est_why,
+             "precision": prec_why},
+            precision,
         )
-    impl, backend_why = backends.select(z.device, z.dtype)
+    dtype = _check_params(spec, z, autocast)
+    impl, backend_why = backends.select(z.device, dtype)
+    compute, precision, prec_why = _fused_precision(impl, z, dtype, autocast)
     return Plan(
         "fused_mlp", impl.name, chosen, k, measure,
-        {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why},
-        spec, impl,
+        {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why,
+         "precision": prec_why},
+        precision, spec, impl, compute,
     )

@@ -14,6 +14,7 @@ importing isofast never compiles anything and never needs a GPU:
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,9 +36,11 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
 }
 
-#: Stack of backends forced by enclosing use() blocks. A plain list rather than a ContextVar
-#: because torch.compile can read a global list but cannot trace ContextVar.get.
-_forced: list[str] = []
+#: Per-thread settings of enclosing use() and precision() blocks: attributes ``forced`` and
+#: ``precision``, each a tuple (innermost last) that a block replaces and restores, never mutates.
+#: A threading.local read with getattr is what torch.compile traces and guards on (it cannot
+#: trace ContextVar.get or threading.get_ident).
+_local = threading.local()
 _cache: dict[str, Backend | None] = {}
 _status: dict[str, tuple[bool, str]] = {}
 
@@ -82,22 +85,20 @@ def available() -> dict[str, bool]:
 def use(name: str) -> Iterator[Backend]:
     """Force backend ``name`` for fused-path calls inside the block (raises if it cannot run).
 
-    The setting is process-wide (not per thread); blocks nest."""
+    The setting is per thread (other threads are unaffected); blocks nest."""
     ok, why = status(name)
     if not ok:
         raise ValueError(f"backend {name!r} is not available: {why}")
-    _forced.append(name)
+    outer = getattr(_local, "forced", ())
+    _local.forced = (*outer, name)
     try:
         yield get(name)  # type: ignore[misc]
     finally:
-        _forced.pop()
+        _local.forced = outer
 
 
 #: GEMM operand precisions of the compiled backends, for :func:`precision`.
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
-
-#: Stack of precisions set by enclosing precision() blocks (a plain list, like ``_forced``).
-_precision: list[str] = []
 
 
 @contextmanager
@@ -109,25 +110,28 @@ def precision(mode: str) -> Iterator[str]:
     ``"bf16"``: bf16 operands (8 mantissa bits), fp32 accumulation.
     Traces, Grams and the loss are always accumulated in fp32. The mode in effect when an op's
     forward runs is also used by its backward. The torch twin ignores it (its matmuls follow
-    ``torch.backends.cuda.matmul.allow_tf32``). Process-wide (not per thread); blocks nest.
+    ``torch.backends.cuda.matmul.allow_tf32``). Per thread, like :func:`use`; blocks nest.
     """
     if mode not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {mode!r}")
-    _precision.append(mode)
+    outer = getattr(_local, "precision", ())
+    _local.precision = (*outer, mode)
     try:
         yield mode
     finally:
-        _precision.pop()
+        _local.precision = outer
 
 
 def current_precision() -> str:
     """The GEMM precision set by an enclosing :func:`precision` block (``"fp32"`` outside one)."""
-    return _precision[-1] if _precision else "fp32"
+    modes = getattr(_local, "precision", ())
+    return modes[-1] if modes else "fp32"
 
 
 def forced() -> str | None:
-    """The backend forced by an enclosing :func:`use`, if any."""
-    return _forced[-1] if _forced else None
+    """The backend forced by an enclosing :func:`use` in this thread, if any."""
+    names = getattr(_local, "forced", ())
+    return names[-1] if names else None
 
 
 def select(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[Backend, str]:

@@ -10,6 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from isofast.backends.base import Backend
 from isofast.mlp import MLPSpec, interleave
+from isofast.ops.mlp_pullback import autocast_off
 
 
 class MLPHutchinson(torch.autograd.Function):
@@ -20,7 +21,8 @@ class MLPHutchinson(torch.autograd.Function):
         ctx: Any, backend: Backend, acts: tuple, z: Tensor, probes: Tensor, *params: Tensor | None
     ) -> Tensor:
         weights, biases = params[0::2], params[1::2]
-        stats, saved = backend.mlp_hutchinson_forward(z, probes, weights, biases, acts)
+        with autocast_off(z.device):
+            stats, saved = backend.mlp_hutchinson_forward(z, probes, weights, biases, acts)
         ctx.backend, ctx.acts = backend, acts
         ctx.has_bias = tuple(b is not None for b in biases)
         ctx.save_for_backward(*weights, *saved)
@@ -31,9 +33,10 @@ class MLPHutchinson(torch.autograd.Function):
     def backward(ctx: Any, grad_stats: Tensor) -> tuple[Tensor | None, ...]:
         n = len(ctx.acts)
         weights, saved = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
-        grad_z, grad_w, grad_b = ctx.backend.mlp_hutchinson_backward(
-            grad_stats.contiguous(), weights, ctx.has_bias, ctx.acts, saved
-        )
+        with autocast_off(grad_stats.device):
+            grad_z, grad_w, grad_b = ctx.backend.mlp_hutchinson_backward(
+                grad_stats.contiguous(), weights, ctx.has_bias, ctx.acts, saved
+            )
         return (None, None, grad_z, None, *interleave(grad_w, grad_b))
 
 
