@@ -36,15 +36,19 @@ def _stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
     return mlp_hutchinson(p.backend_impl, p.spec.to(dt), z.to(dt), probes.to(dt))  # type: ignore[arg-type, union-attr]
 
 
-def _scaled_stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor, measure: str, mean: BatchMean) -> Tensor:
-    """Hutchinson ``stats (B, K, 2)``; for a ratio measure, recomputed with rescaled probes when the
-    first ones are out of range (:func:`isofast.scale.probe_rescale`; eager mode only)."""
+def _scaled_stats(
+    p: Plan, decoder: Decoder, z: Tensor, probes: Tensor, measure: str, mean: BatchMean
+) -> tuple[Tensor, float | None]:
+    """``(stats (B, K, 2), probe_scale)``: Hutchinson statistics; for a ratio measure whose first
+    statistics are out of range, recomputed with probes scaled by ``probe_scale``
+    (:func:`isofast.scale.probe_rescale`; eager mode only), else ``probe_scale`` is ``None``."""
     stats = _stats(p, decoder, z, probes)
-    if measure in scale.SCALE_INVARIANT and can_read_values():
-        factor = scale.probe_rescale(stats, mean.group)
-        if factor is not None:
-            stats = _stats(p, decoder, z, probes * factor)
-    return stats
+    if measure not in scale.SCALE_INVARIANT or not can_read_values():
+        return stats, None
+    factor = scale.probe_rescale(stats, mean.group)
+    if factor is not None:
+        stats = _stats(p, decoder, z, probes * factor)
+    return stats, factor
 
 
 def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
@@ -101,8 +105,9 @@ def distortion(
         if probes is None:
             probes = torch.randn(z.shape[0], p.n_probes, z.shape[1], generator=generator, device=z.device,  # type: ignore[arg-type]
                                  dtype=z.dtype)
-        stats = _scaled_stats(p, decoder, z_aug, probes, measure, mean).mean(1)
-        value = from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean)
+        stats, factor = _scaled_stats(p, decoder, z_aug, probes, measure, mean)
+        stats = stats.mean(1)
+        value = from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean, factor)
     if can_read_values():
         scale.check_representable(value, measure)
     return value

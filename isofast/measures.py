@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from isofast import spectral
-from isofast.scale import SCALE_INVARIANT, normalise_metric
+from isofast.scale import SCALE_INVARIANT, normalise_metric, rescaled_ratio, safe_ratio
 
 #: Measure name -> the map class it asks for (also the order docs list them in).
 MEASURES: dict[str, str] = {
@@ -59,23 +59,25 @@ class BatchMean:
         return list(total[:-1] / total[-1])
 
 
-def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den``, defined as 0 (with zero gradient) where ``den == 0``."""
-    nonzero = den != 0
-    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+def from_traces(
+    measure: str, tr: Tensor, tr2: Tensor, m: int, mean: BatchMean, probe_scale: float | None = None
+) -> Tensor:
+    """The measure from ``Tr H_b`` and ``Tr H_b^2`` (both ``(B,)``, estimated or exact).
 
-
-def from_traces(measure: str, tr: Tensor, tr2: Tensor, m: int, mean: BatchMean) -> Tensor:
-    """The measure from ``Tr H_b`` and ``Tr H_b^2`` (both ``(B,)``, estimated or exact)."""
+    ``probe_scale``: the statistics came from probes scaled by this factor (a ratio measure whose
+    statistics were out of range, see :func:`isofast.scale.probe_rescale`); ``None`` for unit probes.
+    """
+    if probe_scale is not None and measure not in SCALE_INVARIANT:
+        raise ValueError(f"probe_scale applies to the ratio measures {SCALE_INVARIANT}, got measure {measure!r}")
     if measure == "scaled_isometry":
         mean_tr2, mean_tr = mean(tr2, tr)
-        return safe_ratio(mean_tr2, mean_tr * mean_tr)
+        return rescaled_ratio(mean_tr2, mean_tr, probe_scale)
     if measure == "isometry":
         # Tr (H - I)^2 = Tr H^2 - 2 Tr H + m
         (value,) = mean(tr2 - 2 * tr + m)
         return value
     if measure == "conformal":
-        (value,) = mean(safe_ratio(tr2, tr * tr))
+        (value,) = mean(rescaled_ratio(tr2, tr, probe_scale))
         return value
     if measure == "jacobian_frobenius":
         (value,) = mean(tr)

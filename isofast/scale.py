@@ -7,10 +7,13 @@ and under/overflow fp32 beyond ``s`` of about ``1e-9`` to ``1e9``. The ratio mea
 
 - exact metrics: :func:`normalise_metric` divides ``H (B, m, m)`` by a detached positive scale
   before anything is squared; a detached constant leaves the value and its gradient exact;
-- Hutchinson statistics: tangent streams are linear in the probe, so probes ``a v`` give
-  statistics ``a^2 ||J v||^2`` and ``a^4 ||J^T J v||^2``. :func:`probe_rescale` reads the first
-  statistics and returns the detached factor ``a`` to recompute them with, when they are out of
-  the safe range (eager mode only: it reads a value back to the host);
+- Hutchinson statistics: both are quadratic in the probe, so probes ``a v`` give ``a^2 ||J v||^2``
+  (order ``a^2 s^2``) and ``a^2 ||J^T J v||^2`` (order ``a^2 s^4``). A probe scale cannot close
+  their ``s^2`` gap, but ``a^2 = s^-3`` centres them (orders ``1/s`` and ``s``), and the ratio
+  measures are then ``a^2 E||J^T J v||^2 / (E||J v||^2)^2`` of the rescaled statistics, evaluated
+  as ``(a m2 / m1) (a / m1)`` so no intermediate leaves the range. :func:`probe_rescale` reads the
+  first statistics and returns the detached ``a`` to recompute them with, when they are out of the
+  safe range (eager mode only: it reads a value back to the host);
 - :func:`check_representable` raises where a measure's value still is not finite (eager mode),
   e.g. the non-invariant ``isometry`` of order ``s^4``.
 
@@ -32,6 +35,12 @@ SCALE_INVARIANT = ("scaled_isometry", "conformal")
 #: Batch mean of ``||J v||^2`` inside which the first Hutchinson statistics are kept: their
 #: squares (``~ ||J^T J v||^2``) stay within ``1e-16 .. 1e16``, far from fp32's limits.
 PROBE_SAFE_RANGE = (1e-8, 1e8)
+
+
+def safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, defined as 0 (with zero gradient) where ``den == 0``."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def _all_max(x: Tensor, group: object | None) -> Tensor:
@@ -56,7 +65,8 @@ def normalise_metric(h: Tensor, per_sample: bool = False, group: object | None =
 
 def probe_rescale(stats: Tensor, group: object | None = None) -> float | None:
     """The factor ``a`` to multiply the probes by so Hutchinson ``stats (B, K, 2)`` (``||J v||^2``,
-    ``||J^T J v||^2``) are representable, or ``None`` when they already are.
+    ``||J^T J v||^2``) are representable, or ``None`` when they already are. Recompute the
+    statistics with probes ``a v`` and combine them with :func:`rescaled_ratio`.
 
     Reads two numbers back to the host (call it only where :func:`isofast._checks.can_read_values`).
     Raises ``ValueError`` when ``||J v||^2`` itself is not finite (a Jacobian scale beyond ~1e19 in
@@ -73,7 +83,15 @@ def probe_rescale(stats: Tensor, group: object | None = None) -> float | None:
     lo, hi = PROBE_SAFE_RANGE
     if mean_tr == 0 or (lo <= mean_tr <= hi and not bad):
         return None
-    return mean_tr**-0.5
+    return mean_tr**-0.75  # a^2 = s^-3 with s^2 ~ mean ||J v||^2
+
+
+def rescaled_ratio(num: Tensor, den: Tensor, factor: float | None) -> Tensor:
+    """``factor^2 num / den^2`` (0 where ``den == 0``), without forming ``den^2``: the ratio
+    measures' ``Tr H^2 / (Tr H)^2`` from statistics of probes scaled by ``factor`` (``None``: 1)."""
+    if factor is None:
+        return safe_ratio(num, den * den)
+    return safe_ratio(factor * num, den) * safe_ratio(torch.full_like(den, factor), den)
 
 
 def check_representable(value: Tensor, measure: str) -> None:

@@ -155,7 +155,7 @@ class IsoAutoencoder(nn.Module):
             zr = z if self.reg_input_hook is None else self.reg_input_hook(z)
             reg = isofast.distortion(
                 self.decoder, zr, self.measure, eta=self.eta, estimator=self.estimator,
-                n_probes=self.n_probes, sync=self.sync,
+                n_probes=None if self.estimator == "exact" else self.n_probes, sync=self.sync,
             )
             if self.reg_output_hook is not None:
                 reg = self.reg_output_hook(reg)
