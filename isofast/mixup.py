@@ -11,6 +11,7 @@ from isofast._checks import check_eta, check_generator, check_z
 def mixup(z: Tensor, eta: float | None = 0.2, generator: torch.Generator | None = None) -> Tensor:
     """``z_aug (B, m)``: ``alpha_b z_b + (1 - alpha_b) z_perm(b)`` with ``alpha_b ~ U[-eta, 1 + eta]``.
 
+    ``eta`` is ``None`` or a real number (numpy scalars included) in ``[0, isofast._checks.ETA_MAX]``.
     ``perm`` is a uniformly random permutation of the batch. Draws happen on ``z``'s device with
     ``generator`` (permutation first, then ``alpha``); ``eta=None`` returns ``z`` unchanged.
     Differentiable in ``z``, so gradients reach an encoder through both partners.

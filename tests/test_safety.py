@@ -167,9 +167,11 @@ class Triple(nn.Module):
 def test_parametrized_linear_is_fused_and_evaluated_as_the_module_would() -> None:
     """A guard for exact-type matching: parametrize's derived class still fuses, and reading the
     weight runs the parametrization (so the loss and the gradient into ``original`` are right)."""
-    dec = small_mlp()
+    dec = make_mlp([2, 32, 16, 10], act="tanh", out_act=None)
     parametrize.register_parametrization(dec[0], "weight", Triple())
     nn.utils.parametrizations.weight_norm(dec[2])
+    nn.utils.parametrizations.spectral_norm(dec[4])
+    dec.eval()  # eval: reading the spectral-normed weight does not advance its power iteration
     p = isofast.plan(dec, Z)
     assert p.path == "fused_mlp"
     assert_matches_generic(dec)
