@@ -89,10 +89,14 @@ def _global_hooks() -> str | None:
 
 def _hooks(mod: nn.Module) -> str | None:
     """Why ``mod``'s own hooks or instance ``forward`` mean calling it is not its class's computation."""
-    if "forward" in vars(mod):
+    d = mod.__dict__
+    if not (d["_forward_pre_hooks"] or d["_forward_hooks"] or d["_backward_pre_hooks"] or d["_backward_hooks"]
+            or "forward" in d):
+        return None  # the common case, checked first: plan() runs on every call
+    if "forward" in d:
         return "has an instance-level forward"
-    for attr in _HOOK_NAMES:
-        hooks = getattr(mod, attr)
+    for attr, name in _HOOK_NAMES.items():
+        hooks = d[attr]
         if not hooks:
             continue
         for hook in hooks.values():
@@ -102,33 +106,43 @@ def _hooks(mod: nn.Module) -> str | None:
             if isinstance(hook, WeightNorm):
                 return ("has a hook-based torch.nn.utils.weight_norm (use "
                         "torch.nn.utils.parametrizations.weight_norm to keep the fused path)")
-        return f"has a module {_HOOK_NAMES[attr]} ({len(hooks)} registered); the fused path would not run it"
+        return f"has a module {name} ({len(hooks)} registered); the fused path would not run it"
     return None
+
+
+def _parametrized(mod: nn.Module) -> bool:
+    # parametrize registers its ModuleDict as a child; looking there first spares the plain layers
+    # nn.Module.__getattr__'s AttributeError (plan() runs on every call).
+    return "parametrizations" in mod._modules and parametrize.is_parametrized(mod)
 
 
 def _base_type(mod: nn.Module) -> type:
     """``type(mod)``, or for a parametrized module the class parametrize derived it from."""
     cls = type(mod)
-    return cls.__mro__[1] if parametrize.is_parametrized(mod) else cls
+    return cls.__mro__[1] if _parametrized(mod) else cls
+
+
+def _where(path: str, mod: nn.Module) -> str:
+    return f"module {path} ({type(mod).__name__})"
 
 
 def _flatten(seq: nn.Sequential, prefix: str = "") -> tuple[list[tuple[str, nn.Module]], str | None]:
-    """``([(where, module), ...], why_not)``: leaves of nested exact Sequentials, or why not."""
+    """``([(path, module), ...], why_not)``: leaves of nested exact Sequentials, or why not."""
     out: list[tuple[str, nn.Module]] = []
-    for i, mod in enumerate(seq):
-        where = f"module {prefix}{i} ({type(mod).__name__})"
+    for i, mod in enumerate(seq._modules.values()):
         why = _hooks(mod)
         if why is not None:
-            return out, f"{where} {why}"
+            return out, f"{_where(prefix + str(i), mod)} {why}"
         if type(mod) is nn.Sequential:
             inner, why = _flatten(mod, f"{prefix}{i}.")
             out += inner
             if why is not None:
                 return out, why
         elif isinstance(mod, nn.Sequential):
-            return out, f"{where} is a subclass of nn.Sequential (its forward may differ); only nn.Sequential itself is fused"
+            return out, (f"{_where(prefix + str(i), mod)} is a subclass of nn.Sequential (its forward may differ); "
+                         "only nn.Sequential itself is fused")
         else:
-            out.append((where, mod))
+            out.append((prefix + str(i), mod))
     return out, None
 
 
@@ -171,33 +185,33 @@ def extract_mlp(decoder: object) -> tuple[MLPSpec | None, str]:
     biases: list[Tensor | None] = []
     acts: list[Activation] = []
     reshaped = False
-    for where, mod in modules:
+    for path, mod in modules:
         if reshaped:
-            return None, f"{where} follows the trailing reshape; only a final reshape is allowed"
+            return None, f"{_where(path, mod)} follows the trailing reshape; only a final reshape is allowed"
         if _base_type(mod) is nn.Linear:
             weights.append(mod.weight)  # evaluates a parametrization, as Linear.forward would
             biases.append(mod.bias)
             acts.append(IDENTITY)
             continue
-        if parametrize.is_parametrized(mod):
-            return None, f"{where} is parametrized; only parametrized nn.Linear layers are fused"
+        if _parametrized(mod):
+            return None, f"{_where(path, mod)} is parametrized; only parametrized nn.Linear layers are fused"
         if type(mod) in (nn.Unflatten, nn.Flatten):
             if not _reshape_ok(mod):
-                return None, f"{where} reshapes the batch dimension; only a per-sample reshape (dim 1) is fused"
+                return None, f"{_where(path, mod)} reshapes the batch dimension; only a per-sample reshape (dim 1) is fused"
             reshaped = True
             continue
         if type(mod) is nn.Dropout and (mod.p == 0 or not mod.training):
             continue
         act = from_module(mod)
         if act is None:
-            return None, (f"{where} is not nn.Linear, a supported activation or a trailing reshape "
+            return None, (f"{_where(path, mod)} is not nn.Linear, a supported activation or a trailing reshape "
                           "(exact classes only: a subclass may change forward)")
         if act == IDENTITY:
             continue
         if not weights:
-            return None, f"{where}: an activation before the first nn.Linear is not fusable"
+            return None, f"{_where(path, mod)}: an activation before the first nn.Linear is not fusable"
         if acts[-1] != IDENTITY:
-            return None, f"{where}: two activations in a row are not fusable"
+            return None, f"{_where(path, mod)}: two activations in a row are not fusable"
         acts[-1] = act
     if not weights:
         return None, "decoder has no nn.Linear layer"

@@ -72,6 +72,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def _check_params(spec: MLPSpec, z: Tensor, autocast: torch.dtype | None) -> torch.dtype:
     """The decoder's parameter dtype, after checking every layer against ``z``: same device, and
     the same dtype (under autocast any of float32/float16/bfloat16 mix, as in the module)."""
+    dtype, device = z.dtype, z.device
+    if all(t is None or (t.dtype == dtype and t.device == device) for t in spec.params()):
+        return dtype  # the common case, checked first: plan() runs on every call
     mixable = (torch.float32, torch.float16, torch.bfloat16)
     dtype = spec.weights[0].dtype
     for i, (w, b) in enumerate(zip(spec.weights, spec.biases)):

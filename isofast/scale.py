@@ -52,10 +52,11 @@ def _all_max(x: Tensor, group: object | None) -> Tensor:
 def metric_scale(h: Tensor, per_sample: bool = False, group: object | None = None) -> Tensor:
     """Detached positive scale of exact metrics ``h (B, m, m)``: ``max_b Tr H_b`` (a 0-d tensor,
     the maximum over ``group``'s ranks too) or, with ``per_sample``, ``Tr H_b`` shaped
-    ``(B, 1, 1)``. Zero traces (a vanishing Jacobian) get scale 1."""
+    ``(B, 1, 1)``. Zero traces (a vanishing Jacobian, where ``H = 0``) get the smallest normal
+    number, which leaves ``H / c = 0``."""
     tr = torch.diagonal(h.detach(), dim1=1, dim2=2).sum(-1)
     c = tr.view(-1, 1, 1) if per_sample else _all_max(tr.amax(), group)
-    return torch.where(c > 0, c, torch.ones_like(c))
+    return c.clamp_min(torch.finfo(c.dtype).tiny)
 
 
 def normalise_metric(h: Tensor, per_sample: bool = False, group: object | None = None) -> Tensor:
@@ -72,9 +73,11 @@ def probe_rescale(stats: Tensor, group: object | None = None) -> float | None:
     Raises ``ValueError`` when ``||J v||^2`` itself is not finite (a Jacobian scale beyond ~1e19 in
     fp32), which no probe scale repairs.
     """
-    tr = stats[..., 0].detach()
-    probe = torch.stack([tr.mean(), (~torch.isfinite(stats.detach())).any().to(tr.dtype)])
-    mean_tr, bad = _all_max(probe, group).tolist()
+    # Statistics are squared norms (>= 0): a NaN or Inf anywhere makes its column's sum non-finite.
+    sums = _all_max(stats.detach().sum((0, 1)), group)
+    tr_sum, tr2_sum = sums.tolist()
+    mean_tr = tr_sum / (stats.shape[0] * stats.shape[1])
+    bad = not math.isfinite(tr2_sum)
     if not math.isfinite(mean_tr):
         raise ValueError(
             f"Hutchinson statistic ||J v||^2 is not finite in {stats.dtype}: the decoder's Jacobian is too "
@@ -98,7 +101,7 @@ def check_representable(value: Tensor, measure: str) -> None:
     """Raise ``ValueError`` if the measure's value is NaN or infinite (call only where host reads
     are allowed). The ratio measures are kept finite by the scale handling above; the others are
     of order ``s^2`` or ``s^4`` and overflow for large enough Jacobians."""
-    if bool(torch.isfinite(value.detach()).all()):
+    if math.isfinite(value.detach().item()):
         return
     hint = ("it is not scale invariant; rescale the decoder's output or use float64"
             if measure not in SCALE_INVARIANT else
