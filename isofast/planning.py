@@ -1,4 +1,4 @@
-"""``isofast.plan``: which path, backend and estimator a call takes, and why.
+"""``isofast.plan``: which path, backend, estimator and precision a call takes, and why.
 
 Every public entry point builds its :class:`Plan` first and then executes it, so what ``plan``
 reports is exactly what runs; nothing falls back silently.
@@ -115,9 +115,9 @@ def _fused_precision(impl: Backend, z: Tensor, dtype: torch.dtype,
     acc = _name(acc_dtype(dtype))
     if autocast is None or dtype == torch.float64 or z.dtype == torch.float64:
         gemm = _name(dtype)
-        if impl.name == "triton" and backends.current_precision() != "fp32" and dtype == torch.float32:
-            gemm = f"{backends.current_precision()} operands"
-            return None, f"{gemm} GEMMs, {acc} accumulation", "set by isofast.backends.precision"
+        mode = backends.current_precision()
+        if impl.name == "triton" and mode != "fp32" and dtype == torch.float32:
+            return None, f"{mode} GEMM operands, {acc} accumulation", f"isofast.backends.precision({mode!r})"
         why = "autocast does not apply to float64" if autocast is not None else "the decoder's dtype"
         return None, f"{gemm} GEMMs, {acc} accumulation", why
     ok, not_why = impl.supports(z.device, autocast)
@@ -173,7 +173,7 @@ def plan(
     generator: torch.Generator | None = None,
     sync: bool | object = False,
 ) -> Plan:
-    """Validate a call's arguments and say which path, backend and estimator it takes, and why.
+    """Validate a call's arguments and say which path, backend, estimator and precision it takes, and why.
 
     Takes the keywords of :func:`isofast.distortion`; ``measure=None`` plans
     :func:`isofast.pullback_metric` (always exact). ``print(isofast.plan(...))`` explains it.

@@ -8,7 +8,7 @@ importing isofast never compiles anything and never needs a GPU:
 - ``"cuda"``: the CUDA kernels of the same extension (CUDA tensors);
 - ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-:func:`available` says which can run; :func:`use` forces one inside a ``with`` block.
+:func:`available` says which can run; :func:`use` forces one inside a ``with`` block (per thread).
 """
 
 from __future__ import annotations
