@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from isofast import _checks, backends
-from isofast.backends.base import Backend, acc_dtype
+from isofast.backends.base import Backend, acc_dtype, autocast_dtype
 from isofast.measures import EXACT_ONLY, MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
 from isofast.ops.tangent_gram import cuda_reductions
@@ -59,14 +59,6 @@ class Plan:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype torch.autocast casts GEMMs to on ``device``'s type, or ``None`` outside autocast."""
-    kind = device.type
-    if kind not in ("cpu", "cuda") or not torch.is_autocast_enabled(kind):
-        return None
-    return torch.get_autocast_dtype(kind)
 
 
 def _check_params(spec: MLPSpec, z: Tensor, autocast: torch.dtype | None) -> torch.dtype:

@@ -240,6 +240,21 @@ def test_autocast_bf16_gemms_on_the_torch_twin_accumulate_in_fp32(estimator: str
     assert dec[0].weight.grad.dtype == torch.float32
 
 
+def test_compiled_step_under_autocast_traces_and_matches_eager() -> None:
+    torch._dynamo.reset()
+    dec = make_mlp([2, 16, 6], act="softplus", out_act=None, dtype=torch.float32, seed=3)
+
+    def step(z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return isofast.relaxed_distortion(dec, z, eta=None)
+
+    z = Z.float()
+    eager = step(z)  # one eager call picks the backend first (README: torch.compile)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(z)
+    assert compiled.dtype == torch.float32 and rel_err(compiled, eager) < 1e-5
+    compiled.backward()
+
+
 def test_plan_reports_precision_on_both_paths() -> None:
     assert isofast.plan(small_mlp(), Z).precision == "float64 GEMMs, float64 accumulation"
     z = Z.float()

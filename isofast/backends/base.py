@@ -30,6 +30,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: torch < 2.4 has per-device autocast queries only (no device argument).
+_LEGACY_AUTOCAST = not hasattr(torch, "get_autocast_dtype")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast casts GEMMs to on ``device``'s type, or ``None`` outside autocast."""
+    kind = device.type
+    if kind not in ("cpu", "cuda"):
+        return None
+    if _LEGACY_AUTOCAST:
+        if kind == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
 Grads = tuple[Tensor | None, list[Tensor], list[Tensor | None]]
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from isofast.backends.base import Backend
+from isofast.backends.base import Backend, autocast_dtype
 from isofast.mlp import MLPSpec, interleave
 
 
@@ -17,10 +17,9 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Disable autocast around a backend's forward or backward: the call casts the op's inputs to
     the planned dtype, and autocast must not recast the GEMMs inside the kernels (a backward may
     run inside the user's autocast block too)."""
-    kind = device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 class MLPPullback(torch.autograd.Function):
