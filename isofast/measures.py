@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from isofast import spectral
-from isofast.scale import SCALE_INVARIANT, normalise_metric, rescaled_ratio, safe_ratio
+from isofast.scale import SCALE_INVARIANT, normalise_metric, rescaled_ratio
 
 #: Measure name -> the map class it asks for (also the order docs list them in).
 MEASURES: dict[str, str] = {

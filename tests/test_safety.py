@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from conftest import GRAD_RTOL, RTOL, make_mlp, rel_err
+from conftest import INTERPRETER, RTOL, make_mlp, rel_err
 from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.nn.utils import parametrize
@@ -253,6 +253,21 @@ def test_compiled_step_under_autocast_traces_and_matches_eager() -> None:
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(z)
     assert compiled.dtype == torch.float32 and rel_err(compiled, eager) < 1e-5
     compiled.backward()
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1 (Triton kernels on CPU tensors)")
+def test_autocast_bf16_gemms_on_the_triton_kernels() -> None:
+    ref, dec = small_mlp(), small_mlp(torch.float32)
+    probes = torch.randn(6, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want = [isofast.relaxed_distortion(ref, Z, eta=None, **kw) for kw in ({}, {"probes": probes})]
+    with backends.use("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert isofast.plan(dec, Z.float()).precision == "bfloat16 GEMMs (autocast), float32 accumulation"
+        got = [isofast.relaxed_distortion(dec, Z.float(), eta=None, **kw) for kw in ({}, {"probes": probes.float()})]
+        sum(got).backward()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and rel_err(g, w) < 0.05
+    assert dec[0].weight.grad.dtype == torch.float32
 
 
 def test_plan_reports_precision_on_both_paths() -> None:
