@@ -330,8 +330,8 @@ def test_ratio_measures_are_right_at_any_jacobian_scale(s: float, dtype: torch.d
         assert rel_err(got, want) < SCALE_TOL[dtype]
 
 
-@pytest.mark.parametrize("measure, s", [("isometry", 1e10), ("jacobian_frobenius", 1e20)])
-def test_non_invariant_measures_raise_where_not_representable(measure: str, s: float) -> None:
+@pytest.mark.parametrize("measure, s", [("isometry", 1e10), ("jacobian_frobenius", 1e20), ("scaled_isometry", 1e20)])
+def test_measures_raise_where_not_representable(measure: str, s: float) -> None:
     with pytest.raises(ValueError, match=f"measure '{measure}' is not representable in torch.float32"):
         isofast.distortion(scaled_mlp(s, torch.float32), Z.float(), measure, eta=None, estimator="exact")
 
