@@ -285,8 +285,8 @@ def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path, monkeypatch):
     import isofast.training.loop as loop
 
     saved_epochs: list[int] = []
-    real_save = loop.atomic_save
-    monkeypatch.setattr(loop, "atomic_save", lambda obj, path: (saved_epochs.append(obj["epoch"]), real_save(obj, path)))
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda obj, path: (saved_epochs.append(obj["epoch"]), real_save(obj, path)))
     train(_tiny_config(tmp_path, epochs=5, checkpoint_every=2))
     assert saved_epochs == [2, 4, 5]
     with pytest.raises(ValueError, match="checkpoint-every"):
