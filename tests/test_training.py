@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import os
 
 import numpy as np
@@ -624,3 +625,57 @@ def test_real_mnist_01_split_and_a_short_compare(tmp_path):
     assert table["selected"]["irvae"]["step"] == 100  # 106 steps in the epoch: one check, at step 100
     assert json.load(open(out / "irvae" / "metrics.json"))["n_test"] == 2112
     assert table["models"]["irvae"]["mcn"] < table["models"]["vae"]["mcn"]
+
+
+# ----------------------------------------------------------------------------- regulariser weighting
+
+
+def test_regularizer_recon_scale_multiplies_the_loss_detached():
+    import isofast
+
+    dec = build_model("irvae", 20, 2, hidden=[8]).decoder
+    z = torch.randn(16, 2)
+    reg = isofast.IsometricRegularizer(weight=3.0, eta=None)
+    scale = torch.tensor(4.0, requires_grad=True)
+    plain, scaled = reg(dec, z), reg(dec, z, recon_scale=scale)
+    torch.testing.assert_close(scaled, 4.0 * plain)
+    scaled.backward()
+    assert scale.grad is None  # a weight, not something to optimise
+    torch.testing.assert_close(reg(dec, z, recon_scale=2.5), 2.5 * plain)
+    for bad in (0.0, -1.0, float("inf"), torch.ones(2), torch.tensor(2)):
+        with pytest.raises(ValueError, match="recon_scale must be"):
+            reg(dec, z, recon_scale=bad)
+
+
+def test_recon_scale_weighting_is_official_at_start_and_grows_as_sigma_shrinks():
+    torch.manual_seed(0)
+    x = torch.rand(32, 64)
+    const = build_model("irvae", 64, 2, hidden=[16], image_shape=(1, 8, 8), iso_weight=10.0, init_sigma=0.5)
+    scaled = build_model("irvae", 64, 2, hidden=[16], image_shape=(1, 8, 8), iso_weight=10.0, init_sigma=0.5,
+                         iso_weighting="recon_scale")
+    scaled.load_state_dict(const.state_dict())
+
+    def parts(model):
+        torch.manual_seed(1)
+        return model(x)
+
+    a, b = parts(const), parts(scaled)
+    torch.testing.assert_close(a["loss"], b["loss"])  # sigma = sigma0: the official objective
+    with torch.no_grad():
+        for m in (const, scaled):
+            m.log_sigma.fill_(math.log(0.1))  # sigma fell 5-fold: the recon term's scale grew 25-fold
+    a, b = parts(const), parts(scaled)
+    base = a["recon"] + a["kl"]
+    torch.testing.assert_close(b["loss"] - base, 25.0 * (a["loss"] - base), rtol=1e-5, atol=1e-6)
+    for m, p in ((const, a), (scaled, b)):
+        m.zero_grad()
+        p["loss"].backward()
+    torch.testing.assert_close(const.log_sigma.grad, scaled.log_sigma.grad)  # detached: sigma's gradient unchanged
+
+
+def test_recon_scale_weighting_is_refused_for_autoencoders(tmp_path, capsys):
+    err = _cli_error(capsys, ["--model", "irae", "--iso-weighting", "recon_scale", "--out", str(tmp_path / "r")])
+    assert "--iso-weighting recon_scale must be used with a VAE model" in err
+    m = train(_tiny_config(tmp_path / "ok", epochs=1, iso_weighting="recon_scale"))
+    assert json.load(open(tmp_path / "ok" / "config.json"))["iso_weighting"] == "recon_scale"
+    assert 0 < m["history"][0]["sigma"]

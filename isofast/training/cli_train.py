@@ -18,7 +18,7 @@ import sys
 import isofast
 
 from .data import DATASETS
-from .models import DECODERS, MODELS, OFFICIAL_HIDDEN
+from .models import DECODERS, MODELS, OFFICIAL_HIDDEN, WEIGHTINGS
 
 # The train extra is imported lazily inside the loop; check it here, at command import time, so
 # that isofast.cli turns a missing package into its "pip install isofast[train]" message.
@@ -57,6 +57,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or per-epoch lines")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="write OUT/checkpoint.pt every N epochs (the last epoch always); --resume continues from it")
+    parser.add_argument("--iso-weighting", default="constant", choices=WEIGHTINGS,
+                        help="constant (official) or recon_scale: the weight times sigma0^2/sigma^2 (detached), "
+                             "so the regulariser does not fade as the VAE's decoder noise sigma shrinks")
     parser.add_argument("--select-every", type=int, default=100,
                         help="official model selection: keep the model with the best validation MSE checked every "
                              "N steps, reported beside the final model (0: off)")
@@ -80,7 +83,7 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "n_probes": args.n_probes, "decoder": args.decoder,
         "hidden": parse_hidden(args.hidden), "n_samples": args.n_samples,
         "device": args.device, "progress": args.progress, "checkpoint_every": args.checkpoint_every,
-        "select_every": args.select_every,
+        "select_every": args.select_every, "iso_weighting": args.iso_weighting,
     }
 
 

@@ -59,7 +59,7 @@ import isofast.metrics
 from . import distributed as D
 from .data import DataBundle, Split, load_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
-from .models import DECODERS, MODELS, OFFICIAL_HIDDEN, IsoAutoencoder, build_model
+from .models import DECODERS, MODELS, OFFICIAL_HIDDEN, WEIGHTINGS, IsoAutoencoder, build_model
 
 #: Per-dataset defaults for the options left as ``None`` in :class:`TrainConfig`.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -115,6 +115,8 @@ class TrainConfig:
     #: Official model selection: every ``select_every`` optimiser steps the validation MSE is
     #: checked and the best model kept beside the final one (0: off).
     select_every: int = 100
+    #: ``constant`` (official) or ``recon_scale``: see :data:`~.models.WEIGHTINGS`.
+    iso_weighting: str = "constant"
 
     def resolved(self) -> TrainConfig:
         """A copy with every ``None`` default filled in from :data:`DATASET_DEFAULTS`, validated.
@@ -146,6 +148,9 @@ def _validate(c: TrainConfig) -> None:
     """Refuse, before anything is trained or written, every option the loop cannot honour."""
     _check(c.model in MODELS, "--model", f"one of {', '.join(MODELS)}", c.model)
     _check(c.decoder in DECODERS, "--decoder", f"one of {', '.join(DECODERS)}", c.decoder)
+    _check(c.iso_weighting in WEIGHTINGS, "--iso-weighting", f"one of {', '.join(WEIGHTINGS)}", c.iso_weighting)
+    _check(not (c.iso_weighting == "recon_scale" and c.model in ("ae", "irae")), "--iso-weighting recon_scale",
+           "used with a VAE model (vae, irvae; the AE loss has no learned scale)", c.model)
     for option, value, least in (("--epochs", c.epochs, 1), ("--latent-dim", c.latent_dim, 1),
                                  ("--batch-size", c.batch_size, 1), ("--n-probes", c.n_probes, 1),
                                  ("--checkpoint-every", c.checkpoint_every, 1), ("eval_points", c.eval_points, 1),
@@ -383,7 +388,7 @@ def make_model(config: TrainConfig, data: DataBundle) -> IsoAutoencoder:
         config.model, data.data_dim, config.latent_dim, hidden=config.hidden, decoder=config.decoder,
         image_shape=data.image_shape, iso_weight=float(config.iso_weight or 0.0), measure=config.measure,
         eta=config.eta, estimator=config.estimator, n_probes=config.n_probes,
-        init_sigma=float(config.init_sigma or 1.0),
+        init_sigma=float(config.init_sigma or 1.0), iso_weighting=config.iso_weighting,
     )
 
 
@@ -576,6 +581,8 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo, ckpt: di
         row["epoch_time_s"] = time.perf_counter() - t_epoch
         row["reg_share"] = reg_time / max(step_time, 1e-12)
         row["lr"] = optimizer.param_groups[0]["lr"]
+        if model.variational:
+            row["sigma"] = float(model.log_sigma.detach().exp())
         if info.is_main:
             model.eval()
             val, _, _ = evaluate(model, val_split, geodesic=data.geodesic, max_points=config.eval_points)
