@@ -2,15 +2,19 @@
 
 ``train(TrainConfig(...))`` writes into ``out``:
 
-- ``config.json``: the resolved configuration (every default filled in);
+- ``config.json``: the resolved configuration (every default filled in) and, under ``resumes``,
+  each resume's starting epoch and the options it changed (:data:`RESUME_HONOURED`);
 - ``log.csv`` and ``metrics.json["history"]``: one row per epoch (training means, validation
-  metrics, epoch time, the regulariser's share of the step time);
+  metrics, epoch time, the regulariser's share of the step time, the learning rate, the VAEs'
+  decoder noise sigma);
 - ``metrics.json``: final ``mse`` / ``mcn`` / ``vor`` (plus ``geodesic_fidelity`` on synthetic
   manifolds) on the held-out *test* split, computed on encoder means with the exact pullback
-  metric ``isofast.pullback_metric``;
-- ``checkpoint.pt``: model, optimizer, history and every RNG state (torch, numpy, python and the
-  data-order generator, per rank), written atomically each epoch; ``resume=True`` continues from it
-  up to the new ``epochs`` total and reproduces an uninterrupted run exactly;
+  metric ``isofast.pullback_metric``; under ``selected`` the same for the official model selection
+  (the best validation MSE checked every ``select_every`` steps) with its step and epoch;
+- ``checkpoint.pt``: model, optimizer, history, the selected model and every RNG state (torch,
+  numpy, python and the data-order generator, per rank), with a content checksum, written new ->
+  verified -> replaced (:mod:`.checkpoint`); ``resume=True`` verifies it, continues up to the new
+  ``epochs`` total and reproduces an uninterrupted run exactly;
 - ``latent.png``: test codes coloured by label with equidistant ellipses (latent dim 2 only).
 
 Defaults (``DATASET_DEFAULTS``) follow the official IRVAE code (Adam, batch 100, eta 0.2, lr 1e-4
