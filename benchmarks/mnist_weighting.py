@@ -7,6 +7,9 @@ the selected (best validation MSE) models' test metrics, to one JSON file::
 
     python benchmarks/mnist_weighting.py --data-dir ../shared/data/mnist --epochs 40 \\
         --runs runs/weighting --out results/mnist01_weighting_40ep_seed0.json
+
+and draws validation MSE, MCN, VoR and sigma against epochs next to it (``.png``); ``--plot-only``
+redraws the figure from an existing JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +28,27 @@ WEIGHTINGS = ("constant", "recon_scale")
 HISTORY_KEYS = ("epoch", "val_mse", "val_mcn", "val_vor", "sigma", "reg", "epoch_time_s")
 
 
+def plot(result: dict[str, object], path: str) -> None:
+    """Validation MSE, MCN, VoR and the decoder noise sigma against epochs, one line per weighting."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.2))
+    panels = (("val_mse", "validation MSE"), ("val_mcn", "validation MCN"), ("val_vor", "validation VoR"),
+              ("sigma", "decoder noise sigma"))
+    for i, (key, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for weighting, run in result["runs"].items():  # type: ignore[attr-defined]
+            h = run["history"]
+            ax.plot([r["epoch"] for r in h], [r[key] for r in h], label=weighting)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if key == "val_mse":
+            ax.set_yscale("log")
+    fig.axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
@@ -34,7 +58,13 @@ def main() -> None:
     ap.add_argument("--weight", type=float, default=100.0)
     ap.add_argument("--runs", required=True, help="folder for the training runs (not committed)")
     ap.add_argument("--out", required=True, help="results JSON")
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT's figure, train nothing")
     args = ap.parse_args()
+    figure = os.path.splitext(args.out)[0] + ".png"
+    if args.plot_only:
+        with open(args.out) as f:
+            plot(json.load(f), figure)
+        return
     torch.set_num_threads(1)
     result: dict[str, object] = {
         "setting": {"dataset": "mnist", "digits": args.digits, "model": "irvae", "epochs": args.epochs,
@@ -58,6 +88,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(weighting, result["runs"][weighting]["test_final"], flush=True)  # type: ignore[index]
+    plot(result, figure)
 
 
 if __name__ == "__main__":
