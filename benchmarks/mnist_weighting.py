@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight", type=float, default=100.0)
+    ap.add_argument("--weightings", default=",".join(WEIGHTINGS), help="comma-separated, run in this order")
     ap.add_argument("--runs", required=True, help="folder for the training runs (not committed)")
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT's figure, train nothing")
@@ -74,7 +75,7 @@ def main() -> None:
                     "torch": torch.__version__},
         "runs": {},
     }
-    for weighting in WEIGHTINGS:
+    for weighting in args.weightings.split(","):
         t0 = time.process_time()
         m = train(TrainConfig(out=os.path.join(args.runs, weighting), dataset="mnist", data_dir=args.data_dir,
                               digits=args.digits, model="irvae", epochs=args.epochs, seed=args.seed,
