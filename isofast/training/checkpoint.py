@@ -72,15 +72,16 @@ def _damaged(path: str, why: str) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load and verify the checkpoint at ``path`` (on the CPU, ``weights_only``).
+def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
+    """Load and verify the checkpoint at ``path`` (on the CPU, ``weights_only``; ``mmap`` maps the
+    tensors from the file instead of reading them, for a verification whose result is dropped).
 
     Raises:
         CheckpointError: the file does not unpickle (empty, truncated, random bytes), has no stored
             digest, or its content does not match the digest (flipped bytes).
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by damage
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise _damaged(path, f"it does not load: {type(exc).__name__}{': ' + first[:120] if first else ''}") from exc
@@ -105,7 +106,7 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         try:
-            load_checkpoint(tmp)
+            load_checkpoint(tmp, mmap=True)  # mapped: about half the time of reading it back
         except CheckpointError as exc:
             raise CheckpointError(f"writing checkpoint {path} failed: the new file did not verify "
                                   f"({exc.__cause__ or 'checksum mismatch'}); the previous checkpoint is kept") from exc
