@@ -9,7 +9,8 @@ the selected (best validation MSE) models' test metrics, to one JSON file::
         --runs runs/weighting --out results/mnist01_weighting_40ep_seed0.json
 
 and draws validation MSE, MCN, VoR and sigma against epochs next to it (``.png``); ``--plot-only``
-redraws the figure from an existing JSON.
+redraws the figure from an existing JSON. ``--pareto A.json B.json ... --out P.png`` draws test MSE
+against test MCN of the final models of several such files, one line per weighting across weights.
 """
 
 from __future__ import annotations
@@ -49,18 +50,50 @@ def plot(result: dict[str, object], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def pareto(files: list[str], path: str) -> None:
+    """Test MSE against test MCN (final models), one line per weighting through its weights."""
+    from matplotlib.figure import Figure
+
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    for name in files:
+        with open(name) as f:
+            result = json.load(f)
+        for weighting, run in result["runs"].items():
+            t = run["test_final"]
+            points.setdefault(weighting, []).append((result["setting"]["iso_weight"], t["mse"], t["mcn"]))
+    fig = Figure(figsize=(5, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for weighting, pts in points.items():
+        pts.sort()
+        ax.plot([p[2] for p in pts], [p[1] for p in pts], "o-", label=weighting)
+        for w, mse, mcn in pts:
+            ax.annotate(f"{w:g}", (mcn, mse), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("test MCN")
+    ax.set_ylabel("test MSE")
+    ax.set_title("final models, labelled by weight")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir")
     ap.add_argument("--digits", default="0,1")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight", type=float, default=100.0)
     ap.add_argument("--weightings", default=",".join(WEIGHTINGS), help="comma-separated, run in this order")
-    ap.add_argument("--runs", required=True, help="folder for the training runs (not committed)")
-    ap.add_argument("--out", required=True, help="results JSON")
+    ap.add_argument("--runs", help="folder for the training runs (not committed)")
+    ap.add_argument("--out", required=True, help="results JSON (the figure is written next to it)")
+    ap.add_argument("--pareto", nargs="+", metavar="JSON", help="draw the MSE / MCN figure of these results to OUT")
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT's figure, train nothing")
     args = ap.parse_args()
+    if args.pareto:
+        pareto(args.pareto, args.out)
+        return
+    if not (args.data_dir and args.runs):
+        ap.error("--data-dir and --runs are needed to train")
     figure = os.path.splitext(args.out)[0] + ".png"
     if args.plot_only:
         with open(args.out) as f:
