@@ -679,3 +679,10 @@ def test_recon_scale_weighting_is_refused_for_autoencoders(tmp_path, capsys):
     m = train(_tiny_config(tmp_path / "ok", epochs=1, iso_weighting="recon_scale"))
     assert json.load(open(tmp_path / "ok" / "config.json"))["iso_weighting"] == "recon_scale"
     assert 0 < m["history"][0]["sigma"]
+
+
+def test_resume_records_every_honoured_change(tmp_path):
+    train(_tiny_config(tmp_path, epochs=1))
+    train(_tiny_config(tmp_path, epochs=2, checkpoint_every=3, device="cpu", resume=True))
+    assert _config_json(tmp_path)["resumes"] == [{"from_epoch": 1, "changed": {"device": ["auto", "cpu"],
+                                                                              "checkpoint_every": [1, 3]}}]

@@ -415,7 +415,9 @@ def resume_config(requested: TrainConfig, saved: dict[str, Any], path: str) -> t
         raise ValueError(f"--resume: {path} was trained with other options ({detail}); a resume cannot change "
                          f"them: pass the checkpoint's values (or leave them out where they default to it), "
                          f"or start a new run in another --out folder")
-    changed = {k: [saved.get(k), now[k]] for k in ("lr",) if saved.get(k) != now[k]}
+    # Recorded in config.json: the honoured changes that a reader of the run should know about.
+    changed = {k: [saved.get(k), now[k]] for k in RESUME_HONOURED
+               if k not in ("out", "epochs", "resume", "progress") and saved.get(k) != now[k]}
     return config, changed
 
 
