@@ -83,8 +83,9 @@ def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... by damage
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise _damaged(path, f"it does not load: {type(exc).__name__}{': ' + first[:120] if first else ''}") from exc
+        # torch's messages run to several sentences and lines: the first sentence says what broke.
+        first = str(exc).strip().splitlines()[0].split(". ")[0][:160] if str(exc).strip() else ""
+        raise _damaged(path, f"it does not load: {type(exc).__name__}{': ' + first if first else ''}") from exc
     if not isinstance(state, dict) or DIGEST_KEY not in state:
         raise _damaged(path, "no stored checksum")
     try:
