@@ -152,9 +152,28 @@ class IsometricRegularizer(nn.Module):
         self.measure, self.weight, self.eta = measure, float(weight), check_eta(eta)
         self.estimator, self.n_probes, self.sync = estimator, n_probes, sync
 
-    def forward(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.weight * distortion(decoder, z, self.measure, eta=self.eta, estimator=self.estimator,
+    def forward(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None,
+                recon_scale: Tensor | float | None = None) -> Tensor:
+        """``weight * distortion`` of ``decoder`` on codes ``z (B, m)``, a 0-d tensor.
+
+        ``recon_scale`` (a positive number or 0-d tensor, used detached) multiplies the loss by the
+        reconstruction term's current scale, e.g. ``sigma0**2 / sigma**2`` for a Gaussian decoder
+        whose learned noise ``sigma`` started at ``sigma0``: the reconstruction gradient grows as
+        ``1 / sigma**2`` while ``sigma`` shrinks, and with a constant ``weight`` the regulariser's
+        share of the objective fades in proportion (README, "A weighting that keeps the geometry").
+        """
+        loss = self.weight * distortion(decoder, z, self.measure, eta=self.eta, estimator=self.estimator,
                                         n_probes=self.n_probes, generator=generator, sync=self.sync)
+        if recon_scale is None:
+            return loss
+        if isinstance(recon_scale, Tensor):
+            if recon_scale.numel() != 1 or not recon_scale.is_floating_point():
+                raise ValueError(f"recon_scale must be a positive number or a one-element float tensor, "
+                                 f"got a {recon_scale.dtype} tensor of shape {tuple(recon_scale.shape)}")
+            return loss * recon_scale.detach().reshape(()).to(loss.dtype)
+        if not (isinstance(recon_scale, (int, float)) and 0 < float(recon_scale) < float("inf")):
+            raise ValueError(f"recon_scale must be a finite number > 0, got {recon_scale!r}")
+        return loss * float(recon_scale)
 
     def plan(self, decoder: Decoder, z: Tensor) -> Plan:
         """What :meth:`forward` will do for these arguments."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import os
 
 import numpy as np
@@ -285,8 +286,8 @@ def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path, monkeypatch):
     import isofast.training.loop as loop
 
     saved_epochs: list[int] = []
-    real_save = loop.atomic_save
-    monkeypatch.setattr(loop, "atomic_save", lambda obj, path: (saved_epochs.append(obj["epoch"]), real_save(obj, path)))
+    real_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda obj, path: (saved_epochs.append(obj["epoch"]), real_save(obj, path)))
     train(_tiny_config(tmp_path, epochs=5, checkpoint_every=2))
     assert saved_epochs == [2, 4, 5]
     with pytest.raises(ValueError, match="checkpoint-every"):
@@ -362,3 +363,326 @@ def test_compare_acceptance_on_bundled_digits(tmp_path):
     assert irvae["vor"] < vae["vor"]
     assert irvae["mse"] <= 1.5 * vae["mse"]
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------- resume: what it honours
+
+
+def _config_json(folder) -> dict:
+    return json.load(open(folder / "config.json"))
+
+
+def test_resume_applies_a_new_lr_and_records_it(tmp_path, capsys):
+    train(_tiny_config(tmp_path, epochs=2))
+    m = train(_tiny_config(tmp_path, epochs=4, lr=0.5, resume=True))
+    assert [r["lr"] for r in m["history"]] == [1e-3, 1e-3, 0.5, 0.5]  # the rate the optimizer used
+    config = _config_json(tmp_path)
+    assert config["lr"] == 0.5 and config["resumes"] == [{"from_epoch": 2, "changed": {"lr": [1e-3, 0.5]}}]
+    assert "lr 0.001 -> 0.5" in capsys.readouterr().err
+
+
+def test_resume_without_options_keeps_the_checkpoints_values(tmp_path):
+    # lr / iso_weight / init_sigma left unset on the resume mean "the checkpoint's", not the defaults.
+    train(_tiny_config(tmp_path, epochs=1, lr=0.01, iso_weight=3.0, init_sigma=0.5))
+    m = train(_tiny_config(tmp_path, epochs=2, resume=True))
+    assert [r["lr"] for r in m["history"]] == [0.01, 0.01]
+    config = _config_json(tmp_path)
+    assert (config["lr"], config["iso_weight"], config["init_sigma"]) == (0.01, 3.0, 0.5)
+    assert config["resumes"] == [{"from_epoch": 1, "changed": {}}]
+
+
+@pytest.mark.parametrize("option,value", [
+    ("seed", 1), ("iso_weight", 7.0), ("eta", None), ("batch_size", 50), ("init_sigma", 0.3),
+    ("estimator", "hutchinson"), ("n_probes", 2), ("eval_points", 100), ("select_every", 7),
+])
+def test_resume_refuses_options_it_cannot_honour(tmp_path, option, value):
+    train(_tiny_config(tmp_path, epochs=1))
+    before = (tmp_path / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=rf"--resume: .*checkpoint.pt was trained with other options \({option}: "):
+        train(_tiny_config(tmp_path, epochs=2, resume=True, **{option: value}))
+    assert (tmp_path / "config.json").read_bytes() == before  # nothing recorded for a refused run
+
+
+def test_resume_refuses_a_new_seed_of_a_synthetic_dataset(tmp_path):
+    # The seed draws the synthetic sample: resuming with another would train on other data.
+    kw = dict(dataset="swissroll", digits=None, model="irae", n_samples=70, batch_size=10)
+    train(_tiny_config(tmp_path, epochs=1, **kw))
+    with pytest.raises(ValueError, match=r"seed: 0 -> 5"):
+        train(_tiny_config(tmp_path, epochs=2, seed=5, resume=True, **kw))
+
+
+def test_resume_refuses_fewer_epochs_than_trained(tmp_path):
+    train(_tiny_config(tmp_path, epochs=3))
+    with pytest.raises(ValueError, match=r"--epochs 2 is below the 3 epochs"):
+        train(_tiny_config(tmp_path, epochs=2, resume=True))
+
+
+# ----------------------------------------------------------------------------- options refused up front
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run ``isofast train`` expecting a refusal: non-zero exit and exactly one line on stderr."""
+    capsys.readouterr()
+    rc = cli_main(["train", "--threads", "0", "--digits", "0,1", "--hidden", "8", "--epochs", "1",
+                   "--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.startswith("isofast train: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--epochs", "-1"], "--epochs must be an integer >= 1, got -1"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--latent-dim", "-2"], "--latent-dim must be an integer >= 1, got -2"),
+    (["--hidden", "0"], "--hidden must be comma-separated widths >= 1"),
+    (["--hidden", "16,x"], "--hidden must be comma-separated widths >= 1"),
+    (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+])
+def test_cli_refuses_bad_options_in_one_line(tmp_path, capsys, argv, needle):
+    out = tmp_path / "run"
+    err = _cli_error(capsys, [*argv, "--out", str(out)])  # later options win: argv overrides the base
+    assert needle in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_cli_refuses_cuda_on_a_torch_without_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _cli_error(capsys, ["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert "--device cuda: " in err and "use --device cpu" in err
+
+
+def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert "is a file, not a folder" in _cli_error(capsys, ["--out", str(target)])
+    assert "cannot create the folder" in _cli_error(capsys, ["--out", str(target / "sub")])
+    assert target.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write to any folder")
+def test_cli_refuses_a_read_only_out(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert "is not writable" in _cli_error(capsys, ["--out", str(folder)])
+    finally:
+        folder.chmod(0o755)
+
+
+def test_cli_refuses_an_out_without_write_permission(tmp_path, capsys, monkeypatch):
+    # The same refusal where permissions cannot be taken away (running as root): os.access says no.
+    folder = tmp_path / "denied"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(folder) else real_access(p, mode, **kw))
+    assert "is not writable" in _cli_error(capsys, ["--out", str(folder)])
+    assert os.listdir(folder) == []
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _damage(path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif how == "empty":
+        raw = bytearray()
+    elif how == "random":
+        raw = bytearray(np.random.default_rng(0).integers(0, 256, len(raw), dtype=np.uint8).tobytes())
+    elif how == "flipped":
+        # One bit of the first encoder weight: the file still unpickles, to different weights.
+        weight = torch.load(path, weights_only=True)["model"]["encoder.0.weight"]
+        at = bytes(raw).find(weight.numpy().tobytes()[:64])
+        assert at > 0
+        raw[at + 5] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "random", "flipped"])
+def test_damaged_checkpoint_is_refused_and_kept(tmp_path, capsys, how):
+    from isofast.training.checkpoint import CheckpointError
+
+    train(_tiny_config(tmp_path, epochs=1))
+    ckpt = tmp_path / "checkpoint.pt"
+    _damage(ckpt, how)
+    damaged = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint.pt is damaged .*restore a good copy"):
+        train(_tiny_config(tmp_path, epochs=2, resume=True))
+    rc = cli_main(["train", "--threads", "0", "--digits", "0,1", "--hidden", "16", "--epochs", "2", "--no-progress",
+                   "--resume", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and str(ckpt) in err and "\n" not in err
+    assert ckpt.read_bytes() == damaged  # the evidence is left alone
+
+
+def test_checkpoint_without_a_checksum_is_refused(tmp_path):
+    from isofast.training.checkpoint import CheckpointError, load_checkpoint
+
+    train(_tiny_config(tmp_path, epochs=1))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["sha256"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="no stored checksum"):
+        load_checkpoint(str(tmp_path / "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("failure", ["raises", "writes garbage"])
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch, failure):
+    import isofast.training.checkpoint as C
+
+    train(_tiny_config(tmp_path, epochs=2))
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, path):
+        if failure == "raises":
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+        with open(path, "r+b") as f:  # a short write: half the file
+            f.truncate(os.path.getsize(path) // 2)
+
+    monkeypatch.setattr(C.torch, "save", broken_save)
+    with pytest.raises((OSError, C.CheckpointError), match="No space left|did not verify"):
+        train(_tiny_config(tmp_path, epochs=3, resume=True))
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert C.load_checkpoint(str(tmp_path / "checkpoint.pt"))["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- MNIST naming, model selection
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_loader_reads_the_dotted_names(tmp_path, gz):
+    _write_fake_mnist(tmp_path, gz=gz)
+    for p in list(tmp_path.iterdir()):
+        p.rename(tmp_path / p.name.replace("-idx", ".idx"))  # train-images.idx3-ubyte[.gz]
+    x, y = D.load_idx_dataset(str(tmp_path), "mnist")
+    assert x.shape == (42, 784) and torch.allclose(x[:, 0] * 255, y.float())
+
+
+def test_missing_files_message_says_what_it_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        D.load_idx_dataset(str(tmp_path), "mnist")
+    msg = str(err.value)
+    for name in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte",
+                 "train-images.idx3-ubyte.gz", "t10k-labels.idx1-ubyte.gz"):
+        assert name in msg
+    assert "MNIST/raw" in msg
+
+
+def test_model_selection_keeps_the_best_validation_mse(tmp_path):
+    m = train(_tiny_config(tmp_path, epochs=3, select_every=1))
+    sel = m["selected"]
+    # Checked after every step, so after each epoch's last step too: never worse than an epoch's end.
+    assert sel["val_mse"] <= min(r["val_mse"] for r in m["history"])
+    assert 1 <= sel["epoch"] <= 3 and 1 <= sel["step"] and {"mse", "mcn", "vor"} <= set(sel)
+    assert json.load(open(tmp_path / "metrics.json"))["selected"] == sel
+    assert train(_tiny_config(tmp_path / "off", epochs=1, select_every=0))["selected"] is None
+
+
+def test_model_selection_survives_a_resume(tmp_path):
+    straight = train(_tiny_config(tmp_path / "a", epochs=4, select_every=5))["selected"]
+    train(_tiny_config(tmp_path / "b", epochs=2, select_every=5))
+    resumed = train(_tiny_config(tmp_path / "b", epochs=4, select_every=5, resume=True))["selected"]
+    assert straight == resumed
+
+
+def test_cli_compare_mnist_official_defaults_and_both_models(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_fake_mnist(data, n_train=140, n_test=70, gz=True)
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", "--threads", "0", "--dataset", "mnist", "--data-dir", str(data), "--digits", "0,1",
+                     "--epochs", "1", "--hidden", "16", "--select-every", "1", "--no-progress", "--out", str(out)]) == 0
+    config = _config_json(out / "irvae")
+    # The official IRVAE setting on MNIST (everything but the shortened run and tiny widths here).
+    assert (config["lr"], config["batch_size"], config["iso_weight"], config["eta"], config["init_sigma"],
+            config["latent_dim"], config["measure"]) == (1e-4, 100, 100.0, 0.2, 1.0, 2, "scaled_isometry")
+    assert _config_json(out / "vae")["iso_weight"] == 0.0
+    table = json.load(open(out / "compare.json"))
+    assert set(table["selected"]) == {"vae", "irvae"} and table["selected"]["irvae"]["step"] >= 1
+    assert "IRVAE@best" in capsys.readouterr().out
+
+
+MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(MNIST_DIR, "train-images-idx3-ubyte.gz")),
+                    reason="real MNIST not present at ../shared/data/mnist")
+def test_real_mnist_01_split_and_a_short_compare(tmp_path):
+    bundle = D.load_dataset("mnist", data_dir=MNIST_DIR, digits="0,1")
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (10557, 2111, 2112)
+    out = tmp_path / "cmp"
+    assert cli_main(["compare", "--threads", "0", "--dataset", "mnist", "--data-dir", MNIST_DIR, "--digits", "0,1",
+                     "--epochs", "1", "--hidden", "32", "--no-progress", "--out", str(out)]) == 0
+    table = json.load(open(out / "compare.json"))
+    assert table["selected"]["irvae"]["step"] == 100  # 106 steps in the epoch: one check, at step 100
+    assert json.load(open(out / "irvae" / "metrics.json"))["n_test"] == 2112
+    assert table["models"]["irvae"]["mcn"] < table["models"]["vae"]["mcn"]
+
+
+# ----------------------------------------------------------------------------- regulariser weighting
+
+
+def test_regularizer_recon_scale_multiplies_the_loss_detached():
+    import isofast
+
+    dec = build_model("irvae", 20, 2, hidden=[8]).decoder
+    z = torch.randn(16, 2)
+    reg = isofast.IsometricRegularizer(weight=3.0, eta=None)
+    scale = torch.tensor(4.0, requires_grad=True)
+    plain, scaled = reg(dec, z), reg(dec, z, recon_scale=scale)
+    torch.testing.assert_close(scaled, 4.0 * plain)
+    scaled.backward()
+    assert scale.grad is None  # a weight, not something to optimise
+    torch.testing.assert_close(reg(dec, z, recon_scale=2.5), 2.5 * plain)
+    for bad in (0.0, -1.0, float("inf"), torch.ones(2), torch.tensor(2)):
+        with pytest.raises(ValueError, match="recon_scale must be"):
+            reg(dec, z, recon_scale=bad)
+
+
+def test_recon_scale_weighting_is_official_at_start_and_grows_as_sigma_shrinks():
+    torch.manual_seed(0)
+    x = torch.rand(32, 64)
+    const = build_model("irvae", 64, 2, hidden=[16], image_shape=(1, 8, 8), iso_weight=10.0, init_sigma=0.5)
+    scaled = build_model("irvae", 64, 2, hidden=[16], image_shape=(1, 8, 8), iso_weight=10.0, init_sigma=0.5,
+                         iso_weighting="recon_scale")
+    scaled.load_state_dict(const.state_dict())
+
+    def parts(model):
+        torch.manual_seed(1)
+        return model(x)
+
+    a, b = parts(const), parts(scaled)
+    torch.testing.assert_close(a["loss"], b["loss"])  # sigma = sigma0: the official objective
+    with torch.no_grad():
+        for m in (const, scaled):
+            m.log_sigma.fill_(math.log(0.1))  # sigma fell 5-fold: the recon term's scale grew 25-fold
+    a, b = parts(const), parts(scaled)
+    base = a["recon"] + a["kl"]
+    torch.testing.assert_close(b["loss"] - base, 25.0 * (a["loss"] - base), rtol=1e-5, atol=1e-6)
+    for m, p in ((const, a), (scaled, b)):
+        m.zero_grad()
+        p["loss"].backward()
+    torch.testing.assert_close(const.log_sigma.grad, scaled.log_sigma.grad)  # detached: sigma's gradient unchanged
+
+
+def test_recon_scale_weighting_is_refused_for_autoencoders(tmp_path, capsys):
+    err = _cli_error(capsys, ["--model", "irae", "--iso-weighting", "recon_scale", "--out", str(tmp_path / "r")])
+    assert "--iso-weighting recon_scale must be used with a VAE model" in err
+    m = train(_tiny_config(tmp_path / "ok", epochs=1, iso_weighting="recon_scale"))
+    assert json.load(open(tmp_path / "ok" / "config.json"))["iso_weighting"] == "recon_scale"
+    assert 0 < m["history"][0]["sigma"]
+
+
+def test_resume_records_every_honoured_change(tmp_path):
+    train(_tiny_config(tmp_path, epochs=1))
+    train(_tiny_config(tmp_path, epochs=2, checkpoint_every=3, device="cpu", resume=True))
+    assert _config_json(tmp_path)["resumes"] == [{"from_epoch": 1, "changed": {"device": ["auto", "cpu"],
+                                                                              "checkpoint_every": [1, 3]}}]

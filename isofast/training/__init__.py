@@ -2,8 +2,9 @@
 scikit-learn, matplotlib, tqdm).
 
 Modules, one job each: :mod:`.data` (datasets, splits, ``geodesic_fidelity``), :mod:`.models`
-(AE / VAE / IRAE / IRVAE), :mod:`.loop` (train / evaluate / checkpoint), :mod:`.distributed`
-(torchrun / DDP plumbing), :mod:`.cli_train` and :mod:`.cli_compare` (the commands).
+(AE / VAE / IRAE / IRVAE), :mod:`.loop` (train / evaluate), :mod:`.checkpoint` (checksummed
+checkpoints), :mod:`.distributed` (torchrun / DDP plumbing), :mod:`.cli_train` and
+:mod:`.cli_compare` (the commands).
 """
 
 from .data import DataBundle, Split, geodesic_fidelity, load_dataset

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-import torch
 
 from .cli_train import add_common_arguments, apply_threads, config_kwargs
 
@@ -30,22 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (runs go to OUT/vae and OUT/irvae)")
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A fixed-width text table of ``rows[model][column]``."""
-    lines = [f"{'model':<8}" + "".join(f"{c.upper():>12}" for c in COLUMNS) + f"{'time (s)':>12}"]
+def format_table(rows: dict[str, dict[str, float]], selected: dict[str, dict[str, float]] | None = None) -> str:
+    """A fixed-width text table of ``rows[model][column]`` (final models), then the selected models
+    (best validation MSE) as ``MODEL@best`` rows with the step they were taken at."""
+    lines = [f"{'model':<12}" + "".join(f"{c.upper():>12}" for c in COLUMNS) + f"{'time (s)':>12}"]
     for name, r in rows.items():
-        lines.append(f"{name.upper():<8}" + "".join(f"{r[c]:>12.4g}" for c in COLUMNS) + f"{r['train_time_s']:>12.1f}")
+        lines.append(f"{name.upper():<12}" + "".join(f"{r[c]:>12.4g}" for c in COLUMNS) + f"{r['train_time_s']:>12.1f}")
+    for name, r in (selected or {}).items():
+        lines.append(f"{name.upper() + '@best':<12}" + "".join(f"{r[c]:>12.4g}" for c in COLUMNS)
+                     + f"{'step ' + str(r['step']):>12}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from . import distributed
-    from .loop import TrainConfig, evaluate, make_model, train
+    from .checkpoint import load_checkpoint
     from .data import load_dataset
+    from .loop import CHECKPOINT_FILE, TrainConfig, evaluate, make_model, train
 
     apply_threads(args)
-    os.makedirs(args.out, exist_ok=True)
     rows: dict[str, dict[str, float]] = {}
+    selected: dict[str, dict[str, float]] = {}
     panels = []
     t0 = time.perf_counter()
     try:
@@ -56,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
             if not metrics:  # a non-zero DDP rank: nothing to report
                 continue
             rows[kind] = {k: metrics[k] for k in (*COLUMNS, "train_time_s")}
-            # Re-evaluate from the saved checkpoint for the figure's codes and metrics.
-            ckpt = torch.load(os.path.join(config.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+            if metrics["selected"]:
+                selected[kind] = metrics["selected"]
+            # Re-evaluate the final model from the saved checkpoint for the figure's codes.
+            ckpt = load_checkpoint(os.path.join(config.out, CHECKPOINT_FILE))
             resolved = config.resolved()
             data = load_dataset(resolved.dataset, digits=resolved.digits, data_dir=resolved.data_dir,
                                 n_samples=resolved.n_samples, seed=resolved.seed)
@@ -74,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if not rows:
         return 0
-    table = format_table(rows)
-    result = {"models": rows, "wall_time_s": time.perf_counter() - t0,
+    table = format_table(rows, selected)
+    result = {"models": rows, "selected": selected, "wall_time_s": time.perf_counter() - t0,
               "ratios": {"mcn_vae_over_irvae": rows["vae"]["mcn"] / rows["irvae"]["mcn"],
                          "mse_irvae_over_vae": rows["irvae"]["mse"] / rows["vae"]["mse"]},
               "table": table.splitlines()}
@@ -86,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
         isofast.plotting.side_by_side(panels, os.path.join(args.out, "compare.png"))
     print(table)
-    print("MSE: held-out reconstruction error per pixel; MCN: mean condition number of the pullback "
+    print("Rows: the final models; MODEL@best: the official model selection (best validation MSE, "
+          "checked every --select-every steps). MSE: held-out reconstruction error per pixel; MCN: mean condition number of the pullback "
           "metric (1 = locally isotropic); VoR: variance of the Riemannian metric (0 = homogeneous).")
     print(f"wrote {os.path.join(args.out, 'compare.json')}"
           + (f" and {os.path.join(args.out, 'compare.png')}" if args.latent_dim == 2 else ""))

@@ -18,7 +18,7 @@ import sys
 import isofast
 
 from .data import DATASETS
-from .models import DECODERS, MODELS, OFFICIAL_HIDDEN
+from .models import DECODERS, MODELS, OFFICIAL_HIDDEN, WEIGHTINGS
 
 # The train extra is imported lazily inside the loop; check it here, at command import time, so
 # that isofast.cli turns a missing package into its "pip install isofast[train]" message.
@@ -57,6 +57,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or per-epoch lines")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="write OUT/checkpoint.pt every N epochs (the last epoch always); --resume continues from it")
+    parser.add_argument("--iso-weighting", default="constant", choices=WEIGHTINGS,
+                        help="constant (official) or recon_scale: the weight times sigma0^2/sigma^2 (detached), "
+                             "so the regulariser does not fade as the VAE's decoder noise sigma shrinks")
+    parser.add_argument("--select-every", type=int, default=100,
+                        help="official model selection: keep the model with the best validation MSE checked every "
+                             "N steps, reported beside the final model (0: off)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +81,18 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "latent_dim": args.latent_dim, "epochs": args.epochs, "measure": args.measure, "seed": args.seed,
         "batch_size": args.batch_size, "lr": args.lr, "init_sigma": args.init_sigma, "eta": args.eta, "estimator": args.estimator,
         "n_probes": args.n_probes, "decoder": args.decoder,
-        "hidden": [int(h) for h in str(args.hidden).split(",") if h], "n_samples": args.n_samples,
+        "hidden": parse_hidden(args.hidden), "n_samples": args.n_samples,
         "device": args.device, "progress": args.progress, "checkpoint_every": args.checkpoint_every,
+        "select_every": args.select_every, "iso_weighting": args.iso_weighting,
     }
+
+
+def parse_hidden(text: str) -> list[int]:
+    """``"256,256"`` -> ``[256, 256]``; the widths themselves are checked by the loop."""
+    try:
+        return [int(h) for h in str(text).replace(" ", "").split(",") if h]
+    except ValueError:
+        raise ValueError(f"--hidden must be comma-separated widths >= 1 (e.g. 256,256), got {text!r}") from None
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -96,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
     from .loop import TrainConfig, train
 
     apply_threads(args)
-    config = TrainConfig(out=args.out, model=args.model, iso_weight=args.iso_weight, resume=args.resume,
-                         tensorboard=args.tensorboard, **config_kwargs(args))  # type: ignore[arg-type]
     try:
+        config = TrainConfig(out=args.out, model=args.model, iso_weight=args.iso_weight, resume=args.resume,
+                             tensorboard=args.tensorboard, **config_kwargs(args))  # type: ignore[arg-type]
         metrics = train(config)
     except (FileNotFoundError, ValueError) as exc:
         print(f"isofast train: {exc}", file=sys.stderr)
@@ -109,4 +124,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.model}: mse {metrics['mse']:.4g}  mcn {metrics['mcn']:.4g}  vor {metrics['vor']:.4g}"
               + (f"  geodesic_fidelity {metrics['geodesic_fidelity']:.4f}" if "geodesic_fidelity" in metrics else "")
               + f"  ({metrics['train_time_s']:.1f} s) -> {args.out}")
+        sel = metrics["selected"]
+        if sel:
+            print(f"{args.model} selected (best validation MSE, step {sel['step']}): mse {sel['mse']:.4g}  "
+                  f"mcn {sel['mcn']:.4g}  vor {sel['vor']:.4g}")
     return 0

@@ -5,7 +5,8 @@ test) cut *in order* with the official IRVAE proportions 5/7, 1/7, 1/7 (``split_
 
 - ``digits``: scikit-learn's bundled ``load_digits`` (1797 images of 8x8, 16 grey levels), pixels
   scaled to [0, 1]. The default dataset because it ships with scikit-learn: nothing to download.
-- ``mnist`` / ``fmnist``: the standard IDX files in ``data_dir``. As in the official code the
+- ``mnist`` / ``fmnist``: the standard IDX files in ``data_dir`` (``train-images-idx3-ubyte`` or
+  ``train-images.idx3-ubyte``, each optionally ``.gz``; see :func:`idx_names`). As in the official code the
   official train and test sets are concatenated, filtered by digit, then split in order. Nothing is
   ever downloaded; a missing file raises a :class:`FileNotFoundError` naming what to put where.
 - ``swissroll`` (flat) / ``spherecap`` (curved): synthetic 2-manifolds in R^3 with known intrinsic
@@ -40,6 +41,14 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+
+
+def idx_names(name: str) -> tuple[str, ...]:
+    """The file names accepted for the IDX file ``name``, in search order: the standard name, the
+    other common spelling with a dot before the IDX type (``train-images.idx3-ubyte``), each with
+    and without ``.gz``."""
+    dotted = name.replace("-idx", ".idx")
+    return (name, name + ".gz", dotted, dotted + ".gz")
 # Sub-folders that torchvision uses, searched after data_dir itself so an existing download works.
 _TORCHVISION_DIRS = {"mnist": "MNIST/raw", "fmnist": "FashionMNIST/raw"}
 
@@ -177,10 +186,9 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
 
 
 def _find_idx(data_dir: str, name: str, dataset: str) -> str | None:
-    dirs = [data_dir, os.path.join(data_dir, _TORCHVISION_DIRS[dataset])]
-    for d in dirs:
-        for suffix in ("", ".gz"):
-            p = os.path.join(d, name + suffix)
+    for d in (data_dir, os.path.join(data_dir, _TORCHVISION_DIRS[dataset])):
+        for candidate in idx_names(name):
+            p = os.path.join(d, candidate)
             if os.path.isfile(p):
                 return p
     return None
@@ -204,10 +212,11 @@ def load_idx_dataset(data_dir: str | None, dataset: str = "mnist") -> tuple[Tens
     found = {key: _find_idx(data_dir, name, dataset) for key, name in IDX_FILES.items()}
     missing = [IDX_FILES[k] for k, p in found.items() if p is None]
     if missing:
+        looked = "; ".join(" or ".join(idx_names(m)) for m in missing)
         raise FileNotFoundError(
-            f"{pretty} files missing: {', '.join(missing)} (optionally .gz). Put the {pretty} IDX "
-            f"files {', '.join(IDX_FILES.values())} in {os.path.abspath(data_dir)} (or its "
-            f"{_TORCHVISION_DIRS[dataset]}/ sub-folder). isofast never downloads data."
+            f"{pretty} files missing: {', '.join(missing)} (optionally .gz). Looked for {looked} in "
+            f"{os.path.abspath(data_dir)} and its {_TORCHVISION_DIRS[dataset]}/ sub-folder. Put the "
+            f"four {pretty} IDX files there. isofast never downloads data."
         )
     xs, ys = [], []
     for part in ("train", "test"):

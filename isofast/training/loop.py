@@ -2,15 +2,19 @@
 
 ``train(TrainConfig(...))`` writes into ``out``:
 
-- ``config.json``: the resolved configuration (every default filled in);
+- ``config.json``: the resolved configuration (every default filled in) and, under ``resumes``,
+  each resume's starting epoch and the options it changed (:data:`RESUME_HONOURED`);
 - ``log.csv`` and ``metrics.json["history"]``: one row per epoch (training means, validation
-  metrics, epoch time, the regulariser's share of the step time);
+  metrics, epoch time, the regulariser's share of the step time, the learning rate, the VAEs'
+  decoder noise sigma);
 - ``metrics.json``: final ``mse`` / ``mcn`` / ``vor`` (plus ``geodesic_fidelity`` on synthetic
   manifolds) on the held-out *test* split, computed on encoder means with the exact pullback
-  metric ``isofast.pullback_metric``;
-- ``checkpoint.pt``: model, optimizer, history and every RNG state (torch, numpy, python and the
-  data-order generator, per rank), written atomically each epoch; ``resume=True`` continues from it
-  up to the new ``epochs`` total and reproduces an uninterrupted run exactly;
+  metric ``isofast.pullback_metric``; under ``selected`` the same for the official model selection
+  (the best validation MSE checked every ``select_every`` steps) with its step and epoch;
+- ``checkpoint.pt``: model, optimizer, history, the selected model and every RNG state (torch,
+  numpy, python and the data-order generator, per rank), with a content checksum, written new ->
+  verified -> replaced (:mod:`.checkpoint`); ``resume=True`` verifies it, continues up to the new
+  ``epochs`` total and reproduces an uninterrupted run exactly;
 - ``latent.png``: test codes coloured by label with equidistant ellipses (latent dim 2 only).
 
 Defaults (``DATASET_DEFAULTS``) follow the official IRVAE code (Adam, batch 100, eta 0.2, lr 1e-4
@@ -40,6 +44,7 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -57,7 +62,8 @@ import isofast.metrics
 
 from . import distributed as D
 from .data import DataBundle, Split, load_dataset
-from .models import OFFICIAL_HIDDEN, IsoAutoencoder, build_model
+from .checkpoint import load_checkpoint, save_checkpoint
+from .models import DECODERS, MODELS, OFFICIAL_HIDDEN, WEIGHTINGS, IsoAutoencoder, build_model
 
 #: Per-dataset defaults for the options left as ``None`` in :class:`TrainConfig`.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -71,8 +77,14 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, LOG_FILE, LATENT_FILE = (
     "config.json", "metrics.json", "checkpoint.pt", "log.csv", "latent.png",
 )
-# Options that must match between a checkpoint and a --resume run (the rest may change).
-_RESUME_KEYS = ("dataset", "digits", "model", "latent_dim", "hidden", "decoder", "measure", "n_samples")
+#: Options a ``--resume`` honours when they differ from the checkpoint's: ``epochs`` (the new
+#: total), ``lr`` (applied to the optimizer from the resumed epoch on; Adam's moments are kept) and
+#: the ones that do not change the result. Every other option changes what the checkpoint's
+#: weights, data or RNG streams mean, so a different value is refused. Options left unset
+#: (``None``) on a resume take the checkpoint's values.
+RESUME_HONOURED = ("out", "epochs", "lr", "data_dir", "device", "resume", "tensorboard", "checkpoint_every", "progress")
+# Options whose ``None`` means "the default" (not e.g. ``eta=None``, which disables mixup).
+_DEFAULTED = ("epochs", "lr", "iso_weight", "init_sigma", "data_dir", "digits")
 
 
 @dataclass
@@ -104,13 +116,20 @@ class TrainConfig:
     checkpoint_every: int = 1
     progress: bool = True
     eval_points: int = 2000
+    #: Official model selection: every ``select_every`` optimiser steps the validation MSE is
+    #: checked and the best model kept beside the final one (0: off).
+    select_every: int = 100
+    #: ``constant`` (official) or ``recon_scale``: see :data:`~.models.WEIGHTINGS`.
+    iso_weighting: str = "constant"
 
     def resolved(self) -> TrainConfig:
-        """A copy with every ``None`` default filled in from :data:`DATASET_DEFAULTS`."""
+        """A copy with every ``None`` default filled in from :data:`DATASET_DEFAULTS`, validated.
+
+        Raises:
+            ValueError: one line naming the option, what it must be and what was given.
+        """
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         d = DATASET_DEFAULTS[self.dataset]
         c = dataclasses.replace(self, hidden=list(self.hidden))
         c.lr = d["lr"] if c.lr is None else c.lr
@@ -120,7 +139,37 @@ class TrainConfig:
             c.iso_weight = d["iso_weight"].get(c.model, 0.0)
         if c.model in ("ae", "vae"):
             c.iso_weight = 0.0
+        _validate(c)
         return c
+
+
+def _check(ok: bool, option: str, expected: str, given: object) -> None:
+    if not ok:
+        raise ValueError(f"{option} must be {expected}, got {given!r}")
+
+
+def _validate(c: TrainConfig) -> None:
+    """Refuse, before anything is trained or written, every option the loop cannot honour."""
+    _check(c.model in MODELS, "--model", f"one of {', '.join(MODELS)}", c.model)
+    _check(c.decoder in DECODERS, "--decoder", f"one of {', '.join(DECODERS)}", c.decoder)
+    _check(c.iso_weighting in WEIGHTINGS, "--iso-weighting", f"one of {', '.join(WEIGHTINGS)}", c.iso_weighting)
+    _check(not (c.iso_weighting == "recon_scale" and c.model in ("ae", "irae")), "--iso-weighting recon_scale",
+           "used with a VAE model (vae, irvae; the AE loss has no learned scale)", c.model)
+    for option, value, least in (("--epochs", c.epochs, 1), ("--latent-dim", c.latent_dim, 1),
+                                 ("--batch-size", c.batch_size, 1), ("--n-probes", c.n_probes, 1),
+                                 ("--checkpoint-every", c.checkpoint_every, 1), ("eval_points", c.eval_points, 1),
+                                 ("--select-every", c.select_every, 0),
+                                 # 7 points: the smallest sample whose in-order split leaves a
+                                 # non-empty validation and test split.
+                                 ("--n-samples", c.n_samples, 7)):
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= least, option,
+               f"an integer >= {least}", value)
+    _check(all(isinstance(h, int) and h >= 1 for h in c.hidden), "--hidden",
+           "comma-separated widths >= 1 (e.g. 256,256)", ",".join(map(str, c.hidden)))
+    for option, value, low in (("--lr", c.lr, "> 0"), ("--init-sigma", c.init_sigma, "> 0"),
+                               ("--iso-weight", c.iso_weight, ">= 0")):
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if low == ">= 0" else value > 0)
+        _check(ok, option, f"a finite number {low}", value)
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -279,14 +328,6 @@ def evaluate(
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_save(obj: Any, path: str) -> None:  # noqa: ANN401
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash mid-write
-    never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: str, obj: Any) -> None:  # noqa: ANN401
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -351,36 +392,106 @@ def make_model(config: TrainConfig, data: DataBundle) -> IsoAutoencoder:
         config.model, data.data_dim, config.latent_dim, hidden=config.hidden, decoder=config.decoder,
         image_shape=data.image_shape, iso_weight=float(config.iso_weight or 0.0), measure=config.measure,
         eta=config.eta, estimator=config.estimator, n_probes=config.n_probes,
-        init_sigma=float(config.init_sigma or 1.0),
+        init_sigma=float(config.init_sigma or 1.0), iso_weighting=config.iso_weighting,
     )
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+def resume_config(requested: TrainConfig, saved: dict[str, Any], path: str) -> tuple[TrainConfig, dict[str, list[Any]]]:
+    """The configuration of a ``--resume`` of the checkpoint at ``path`` (saved resolved config
+    ``saved``), and the honoured changes ``{option: [checkpoint's, now]}``.
+
+    Options left ``None`` take the checkpoint's values; :data:`RESUME_HONOURED` options may differ;
+    any other difference is refused.
+
+    Raises:
+        ValueError: naming every option that differs and what to do.
+    """
+    inherit = {k: saved[k] for k in _DEFAULTED if getattr(requested, k) is None and saved.get(k) is not None}
+    config = dataclasses.replace(requested, **inherit).resolved()
     now = dataclasses.asdict(config)
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != now.get(k)]
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
-        raise ValueError(f"--resume: the checkpoint was trained with different options ({detail})")
+    refused = [k for k in now if k not in RESUME_HONOURED and saved.get(k) != now[k]]
+    if refused:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in refused)
+        raise ValueError(f"--resume: {path} was trained with other options ({detail}); a resume cannot change "
+                         f"them: pass the checkpoint's values (or leave them out where they default to it), "
+                         f"or start a new run in another --out folder")
+    # Recorded in config.json: the honoured changes that a reader of the run should know about.
+    changed = {k: [saved.get(k), now[k]] for k in RESUME_HONOURED
+               if k not in ("out", "epochs", "resume", "progress") and saved.get(k) != now[k]}
+    return config, changed
+
+
+def _check_out(out: str) -> None:
+    """``out`` must be (or become) a folder this process can write to."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a folder: name a folder (it is created if missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from exc
+    probe = os.path.join(out, f".write-test{os.getpid()}")
+    try:
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: the folder is not writable ({exc.strerror or exc}); choose another --out") from exc
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config`` (single process or under torchrun) and write the outputs; returns the final
-    metrics (rank 0; other ranks return ``{}``)."""
-    config = config.resolved()
+    metrics (rank 0; other ranks return ``{}``).
+
+    Raises:
+        ValueError: an option the loop cannot honour (one line each; ``CheckpointError`` for a
+            damaged checkpoint), before anything is trained or written.
+        FileNotFoundError: missing dataset files.
+    """
+    ckpt = None
+    changed: dict[str, list[Any]] = {}
+    ckpt_path = os.path.join(config.out, CHECKPOINT_FILE)
+    if config.resume and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        config, changed = resume_config(config, ckpt["config"], ckpt_path)
+        if config.epochs < int(ckpt["epoch"]):  # type: ignore[operator]
+            raise ValueError(f"--resume: --epochs {config.epochs} is below the {ckpt['epoch']} epochs {ckpt_path} "
+                             f"already trained; pass --epochs >= {ckpt['epoch']}")
+    else:
+        config = config.resolved()
     device = D.resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = D.init(device)
     if config.batch_size % info.world_size:
         raise ValueError(f"--batch-size {config.batch_size} (global) must divide by the {info.world_size} processes")
     try:
-        return _train(config, device, info)
+        return _train(config, device, info, ckpt, changed)
     finally:
         D.barrier(info)
 
 
-def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[str, Any]:
+def _selected_metrics(config: TrainConfig, data: DataBundle, best: dict[str, Any] | None,
+                      test: Split) -> dict[str, Any] | None:
+    """Test metrics of the selected (best validation MSE) model, with when it was found."""
+    if best is None:
+        return None
+    model = make_model(config, data).to(test.x.device)
+    model.load_state_dict(best["model"])
+    model.eval()
+    scores, _, _ = evaluate(model, test, geodesic=data.geodesic, max_points=config.eval_points)
+    return {**scores, "step": best["step"], "epoch": best["epoch"], "val_mse": best["val_mse"]}
+
+
+def _val_mse(model: IsoAutoencoder, x: Tensor) -> float:
+    with torch.no_grad():
+        return float(((model.decoder(model.encode(x)) - x) ** 2).mean())
+
+
+def _train(config: TrainConfig, device: torch.device, info: D.DistInfo, ckpt: dict[str, Any] | None,
+           changed: dict[str, list[Any]]) -> dict[str, Any]:
     out = config.out
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
+        _check_out(out)
     D.barrier(info)
     data = load_dataset(config.dataset, digits=config.digits, data_dir=config.data_dir,
                         n_samples=config.n_samples, seed=config.seed)
@@ -393,15 +504,23 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     history: list[dict[str, float]] = []
-    start_epoch = 0
+    resumes: list[dict[str, Any]] = []
+    # The official model selection: the model with the best validation MSE so far (checked every
+    # ``select_every`` steps), kept on rank 0 beside the training state.
+    best: dict[str, Any] | None = None
+    start_epoch = step = 0
     ckpt_path = os.path.join(out, CHECKPOINT_FILE)
-    if config.resume and os.path.exists(ckpt_path):
-        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resumable(ckpt["config"], config)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+        for group in optimizer.param_groups:  # a changed --lr applies from here on
+            group["lr"] = config.lr
+        history, start_epoch, step = list(ckpt["history"]), int(ckpt["epoch"]), int(ckpt["step"])
+        best, resumes = ckpt["best"], list(ckpt["resumes"])
+        resumes.append({"from_epoch": start_epoch, "changed": changed})
+        if info.is_main and changed:
+            print(f"--resume: from epoch {start_epoch} on, " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) + " (recorded in config.json)", file=sys.stderr)
         if len(ckpt["rng"]) == info.world_size:
             set_rng_state(ckpt["rng"][info.rank], generator)
         elif info.is_main:
@@ -413,7 +532,7 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
     if info.is_main:
         _write_json(os.path.join(out, CONFIG_FILE), {
             **dataclasses.asdict(config), "world_size": info.world_size, "device_used": str(device),
-            "torch": torch.__version__,
+            "torch": torch.__version__, "resumes": resumes,
         })
 
     timer = RegTimer(model, device)
@@ -451,7 +570,14 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
         for idx in bar:
             parts = train_step(ddp_model, train_x[idx], optimizer, timer)
             dt, dr = timer.read()
-            step_time, reg_time, n = step_time + dt, reg_time + dr, n + 1
+            step_time, reg_time, n, step = step_time + dt, reg_time + dr, n + 1, step + 1
+            if info.is_main and config.select_every and step % config.select_every == 0:
+                model.eval()
+                mse = _val_mse(model, val_split.x)
+                model.train()
+                if best is None or mse < best["val_mse"]:
+                    best = {"step": step, "epoch": epoch + 1, "val_mse": mse,
+                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             for k in sums:
                 sums[k] += float(parts[k])
             bar.set_postfix(loss=f"{sums['loss'] / n:.4g}", reg=f"{sums['reg'] / n:.4g}",
@@ -460,6 +586,9 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
         row: dict[str, float] = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
         row["epoch_time_s"] = time.perf_counter() - t_epoch
         row["reg_share"] = reg_time / max(step_time, 1e-12)
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        if model.variational:
+            row["sigma"] = float(model.log_sigma.detach().exp())
         if info.is_main:
             model.eval()
             val, _, _ = evaluate(model, val_split, geodesic=data.geodesic, max_points=config.eval_points)
@@ -468,8 +597,10 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
         rngs = D.gather_objects(rng_state(generator), info)
         last = epoch + 1 == config.epochs
         if info.is_main and (last or (epoch + 1) % config.checkpoint_every == 0):
-            atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "history": history, "config": dataclasses.asdict(config), "rng": rngs}, ckpt_path)
+            save_checkpoint({"epoch": epoch + 1, "step": step, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "history": history,
+                             "config": dataclasses.asdict(config), "rng": rngs, "best": best,
+                             "resumes": resumes}, ckpt_path)
         if info.is_main:
             _write_csv(os.path.join(out, LOG_FILE), history)
             tb.log(row)
@@ -485,7 +616,7 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo) -> dict[
     final, z, h = evaluate(model, test_split, geodesic=data.geodesic, max_points=config.eval_points)
     metrics = {**final, "model": config.model, "dataset": config.dataset, "epochs": config.epochs,
                "n_test": len(data.test), "train_time_s": sum(r["epoch_time_s"] for r in history),
-               "history": history}
+               "selected": _selected_metrics(config, data, best, test_split), "history": history}
     _write_json(os.path.join(out, METRICS_FILE), metrics)
     _write_csv(os.path.join(out, LOG_FILE), history)
     if config.latent_dim == 2:

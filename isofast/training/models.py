@@ -6,6 +6,7 @@
   over dimensions and averaged over the batch (the official ``VAE`` with ``IsotropicGaussian``).
 - ``irae`` / ``irvae``: the same plus ``iso_weight * isofast.distortion(decoder, z, measure)`` on the
   reparameterised codes (``z = mu + sigma * eps`` for the VAE); isofast applies the mixup itself.
+  ``iso_weighting="recon_scale"`` (VAEs) multiplies the weight by ``sigma0^2 / sigma^2``, detached.
 
 The decoder is always a function ``(B, m) -> (B, D)`` with flattened outputs. The MLP decoder is a
 plain ``nn.Sequential`` of ``nn.Linear`` and activations so that isofast recognises it and takes its
@@ -25,6 +26,9 @@ from torch import Tensor, nn
 import isofast
 
 MODELS = ("ae", "vae", "irae", "irvae")
+#: How the regulariser's weight evolves: ``constant`` (official) or ``recon_scale`` (times the
+#: reconstruction term's current scale relative to its initial one, sigma0^2 / sigma^2, detached).
+WEIGHTINGS = ("constant", "recon_scale")
 DECODERS = ("mlp", "conv")
 #: Hidden widths of the official IRVAE encoder and decoder MLPs.
 OFFICIAL_HIDDEN = (256, 256, 256, 256)
@@ -96,10 +100,18 @@ class IsoAutoencoder(nn.Module):
         estimator: str = "auto",
         n_probes: int = 1,
         init_sigma: float = 1.0,
+        iso_weighting: str = "constant",
     ) -> None:
         super().__init__()
         if kind not in MODELS:
             raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
+        if iso_weighting not in WEIGHTINGS:
+            raise ValueError(f"--iso-weighting must be one of {', '.join(WEIGHTINGS)}, got {iso_weighting!r}")
+        if iso_weighting == "recon_scale" and kind in ("ae", "irae"):
+            raise ValueError("--iso-weighting recon_scale needs a VAE (its reconstruction term is scaled by "
+                             f"the learned 1/sigma^2); the {kind} loss has a fixed scale")
+        self.iso_weighting = iso_weighting
+        self.init_log_sigma = math.log(init_sigma)
         self.kind = kind
         self.variational = kind in ("vae", "irvae")
         self.regularised = kind in ("irae", "irvae")
@@ -159,7 +171,12 @@ class IsoAutoencoder(nn.Module):
             )
             if self.reg_output_hook is not None:
                 reg = self.reg_output_hook(reg)
-            loss = loss + self.iso_weight * reg
+            weight = self.iso_weight
+            if self.iso_weighting == "recon_scale":
+                # sigma0^2 / sigma^2, detached: the regulariser keeps its initial share of the
+                # objective as the reconstruction term's 1/sigma^2 grows.
+                weight = weight * (2 * (self.init_log_sigma - self.log_sigma)).exp().detach()
+            loss = loss + weight * reg
         else:
             reg = loss.new_zeros(())
         return {"loss": loss, "recon": recon, "kl": kl, "reg": reg}
@@ -179,6 +196,7 @@ def build_model(
     estimator: str = "auto",
     n_probes: int = 1,
     init_sigma: float = 1.0,
+    iso_weighting: str = "constant",
 ) -> IsoAutoencoder:
     """The official IRVAE architecture for ``kind`` on ``data_dim``-dimensional data.
 
@@ -199,5 +217,5 @@ def build_model(
         dec = mlp(latent_dim, list(reversed(list(hidden))), data_dim, nn.Sigmoid() if image_shape else None)
     return IsoAutoencoder(
         kind, enc, dec, latent_dim, iso_weight=iso_weight, measure=measure, eta=eta,
-        estimator=estimator, n_probes=n_probes, init_sigma=init_sigma,
+        estimator=estimator, n_probes=n_probes, init_sigma=init_sigma, iso_weighting=iso_weighting,
     )
