@@ -29,7 +29,8 @@ def test_parse_ptxas_log_reads_every_entry_function():
     assert (wide["stack_bytes"], wide["spill_stores"], wide["spill_loads"]) == (64, 40, 24)
     assert (tiny["function"], tiny["arch"], tiny["registers"], tiny["shared_bytes"]) == ("tiny_kernel", "sm_90a", 18, 0)
     assert tiny["spill_stores"] == 0 and tiny["barriers"] is None
-    assert compile_stats.summary([wide, tiny]) == "2 kernels, 18-255 registers, spills in 1 (up to 64 B)"
+    assert compile_stats.summary([wide, tiny]) == ("2 kernels, 18-255 registers, spills in 1 (up to 64 B), "
+                                                      "stack frames up to 64 B")
 
 
 def test_parse_ptxas_log_of_nothing_is_empty():
