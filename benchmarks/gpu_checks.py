@@ -387,15 +387,20 @@ def _timed(fn: Callable[[], Any], reps: int, cuda: bool) -> float:
     return times[len(times) // 2]
 
 
-class Timer:
-    """Times callables into ``section`` records; ``reps=0`` (``--warm``) only warms them up."""
+Emit = Callable[[list[dict]], None]
 
-    def __init__(self, section: str, reps: int, cuda: bool) -> None:
-        self.section, self.reps, self.cuda = section, reps, cuda
-        self.records: list[dict] = []
+
+class Timer:
+    """Times callables into ``section`` records, each passed to ``emit`` as soon as measured;
+    ``reps=0`` (``--warm``) only warms up (compiles) the isofast providers."""
+
+    def __init__(self, section: str, reps: int, cuda: bool, emit: Emit) -> None:
+        self.section, self.reps, self.cuda, self.emit = section, reps, cuda, emit
 
     def add(self, what: str, batch: int, provider: str, prec: str, fn: Callable[[], Any], graph_it: bool,
             reps: int | None = None) -> None:
+        if not self.reps and provider == "official":
+            return  # nothing of Triton's to compile
         rec: dict[str, Any] = {"section": self.section, "what": what, "batch": batch, "provider": provider,
                                "precision": prec, "cudagraph": graph_it}
         try:
@@ -412,7 +417,7 @@ class Timer:
         except Exception as exc:  # noqa: BLE001
             rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
         if self.reps:
-            self.records.append(rec)
+            self.emit([rec])
             print(f"[{self.section}] {what:<11} B={batch:<6} {provider:<24} {prec:<5} graph={graph_it!s:<5} "
                   f"{rec.get('median_ms', float('nan')):9.4f} ms {rec.get('error', '')}", flush=True)
         if self.cuda:
@@ -456,23 +461,21 @@ def time_training_step(timer: Timer, batch: int) -> None:
             timer.add("train-step", batch, provider, "fp32", _training_step(model, opt, x, eps, 0.2, official), graph_it)
 
 
-def headline(dry: bool, device: str, reps: int) -> list[dict]:
-    timer = Timer("headline", reps, device == "cuda")
+def headline(dry: bool, device: str, reps: int, emit: Emit) -> None:
+    timer = Timer("headline", reps, device == "cuda", emit)
     if dry:
         time_regulariser(timer, [2, 8, 8, 12], 4, device, ("fp32",), graphs=False)
-        return timer.records
+        return
     time_regulariser(timer, PAPER, 100, device, ("fp32",), graphs=True)
     time_training_step(timer, 100)
     time_regulariser(timer, PAPER, 65536, device, ("fp32", "tf32", "bf16"), graphs=False)
-    return timer.records
 
 
-def timing(dry: bool, device: str, reps: int) -> list[dict]:
-    timer = Timer("timing", reps, device == "cuda")
+def timing(dry: bool, device: str, reps: int, emit: Emit) -> None:
+    timer = Timer("timing", reps, device == "cuda", emit)
     for batch in ((8,) if dry else (1024, 8192)):
         time_regulariser(timer, [2, 8, 8, 12] if dry else PAPER, batch, device, ("fp32", "tf32", "bf16"),
                          graphs=not dry)
-    return timer.records
 
 
 def verdicts(records: list[dict]) -> dict[str, dict]:
@@ -693,28 +696,36 @@ def main(argv: list[str] | None = None) -> int:
     ok, why = backends.status("triton")
     print(f"gpu_checks {','.join(sections)}: triton backend available={ok} {why}", flush=True)
     t0 = time.time()
+    env = environment(dry)
     records: list[dict] = []
+
+    def emit(recs: list[dict]) -> None:
+        """Records go to checks.json as soon as they exist: a step killed by its time box keeps them."""
+        if recs and not args.warm:
+            merge_records(args.out / "checks.json", recs, env)
+            records.extend(recs)
+
     for section in sections:
         if section == "correctness":
-            records += correctness(args.cases.split(","), dry, device)
+            for case in args.cases.split(","):
+                emit(correctness([case], dry, device))
         elif section == "cuda":
-            records += check_cuda_backend(dry)
+            emit(check_cuda_backend(dry))
         elif section == "generic":
-            records += check_generic(dry)
+            emit(check_generic(dry))
         elif section == "cudagraph":
-            records.append(check_cudagraph(100))
+            emit([check_cudagraph(100)])
         elif section == "headline":
-            records += headline(dry, device, reps)
+            headline(dry, device, reps, emit)
         elif section == "timing":
-            records += timing(dry, device, reps)
+            timing(dry, device, reps, emit)
     if args.warm:
         print(f"gpu_checks: warmed {','.join(sections)} in {time.time() - t0:.0f} s", flush=True)
         return 0
-    records += loaded_kernels()
-    data = merge_records(args.out / "checks.json", records, environment(dry))
+    emit(loaded_kernels())
     n_fail = sum(1 for r in records if r.get("section") in ("correctness", "cuda", "generic", "cudagraph") and r.get("ok") is False)
     print(f"gpu_checks {','.join(sections)}: {n_fail} failed check(s) in {time.time() - t0:.0f} s; "
-          f"{len(data['records'])} records in {args.out / 'checks.json'}", flush=True)
+          f"{len(records)} records added to {args.out / 'checks.json'}", flush=True)
     return 1 if n_fail else 0
 
 

@@ -139,6 +139,7 @@ fi
 # --- summary ------------------------------------------------------------------------------------
 "$PY" "$CHECKS" --out "$OUT" --summarise "$STEPS" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
+[ -f "$OUT/summary.md" ] && sed -n '/^## Targets/,/^## Checks/p' "$OUT/summary.md" | grep -v '^## Checks'
 if awk -F'\t' '$2 > 0 { bad = 1 } END { exit !bad }' "$STEPS"; then
   say "a step failed: $(awk -F'\t' '$2 > 0 { printf "%s (exit %s) ", $1, $2 }' "$STEPS")"
   status=1
