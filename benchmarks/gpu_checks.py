@@ -546,21 +546,31 @@ def loaded_kernels() -> list[dict]:
 # output
 
 
+def read_checks(path: Path) -> dict | None:
+    """``checks.json``, or ``None`` when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def merge_records(path: Path, records: list[dict], env: dict) -> dict:
-    """Add ``records`` to ``path`` under an exclusive lock (the suite runs sections in parallel)."""
+    """Add ``records`` to ``path`` (the suite runs sections in parallel): under an exclusive lock
+    on the folder, written to a temporary file and renamed, so a killed process leaves the file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        text = fh.read()
-        data = json.loads(text) if text.strip() else {"env": env, "records": []}
+    lock = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = read_checks(path) or {"env": env, "records": []}
         data["records"] += records
         data["failed"] = [r for r in data["records"] if r.get("section") in ("correctness", "cuda", "generic", "cudagraph")
                           and r.get("ok") is False]
         data["targets"] = verdicts(data["records"])
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps(data, indent=1, default=str))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)
+    finally:
+        os.close(lock)
     return data
 
 
@@ -603,8 +613,7 @@ def _err(rec: dict, key: str) -> str:
 
 def summarise(out_dir: Path, steps_file: Path) -> int:
     """``suite.json`` and ``summary.md`` from ``checks.json``, the step log and the other outputs."""
-    checks_path = out_dir / "checks.json"
-    checks = json.loads(checks_path.read_text()) if checks_path.exists() else {"env": None, "records": []}
+    checks = read_checks(out_dir / "checks.json") or {"env": None, "records": []}
     env = checks.get("env") or environment(os.environ.get("DRY_RUN") == "1")
     steps = []
     if steps_file.exists():

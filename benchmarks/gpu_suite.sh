@@ -105,7 +105,7 @@ if [ "$NO_BUILD" = "1" ] || [ "$DRY" = "1" ]; then
   say "extension build skipped ($([ "$DRY" = 1 ] && echo 'dry run' || echo '--no-build')): the cuda-backend checks will say so"
   printf 'build\t-1\t0\tskipped\n' >>"$STEPS"
 else
-  MAX_JOBS=16 step build "$(cap "$(left)" 240)" "$PY" "$BUILD" build_ext --inplace &
+  MAX_JOBS=16 step build "$(cap "$(left)" 180)" "$PY" "$BUILD" build_ext --inplace &
   BUILD_PID=$!
 fi
 P1=$(cap "$(($(left) - 200))" 200)
