@@ -42,6 +42,8 @@ def test_gpu_suite_dry_run(tmp_path: Path) -> None:
     assert len(checks) == 19 and all(r["ok"] for r in checks)
     assert any(r["section"] == "headline" and r.get("median_ms") for r in records)
     assert "## Checks" in (out / "summary.md").read_text()
+    grid = json.loads((out / "bench" / "results.json").read_text())["meta"]
+    assert grid["skipped_cases"] == ["paper"]  # --time-limit: batch 100 ran, batch 1024 did not start
 
 
 def test_targets_are_judged_from_the_timing_records() -> None:
