@@ -599,12 +599,18 @@ def environment(dry: bool) -> dict[str, Any]:
             env["commit"] = git.stdout.strip() + (" (with local changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         pass  # no git where the suite runs: ISOFAST_COMMIT, and source_sha256 identifies the code
+    env["source_sha256"] = source_sha256()
+    return env
+
+
+def source_sha256() -> str:
+    """A hash of the sources (``SOURCE_DIRS``): names the code a run used where no git travels;
+    ``--source-hash`` prints it for a checkout, to find the commit of a result."""
     digest = hashlib.sha256()
     for path in sorted(p for d in SOURCE_DIRS for p in (ROOT / d).rglob("*")
                        if p.suffix in (".py", ".cu", ".cpp", ".h", ".sh")):
         digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
-    env["source_sha256"] = digest.hexdigest()[:16]
-    return env
+    return digest.hexdigest()[:16]
 
 
 def _err(rec: dict, key: str) -> str:
@@ -681,7 +687,7 @@ def summarise(out_dir: Path, steps_file: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder of checks.json")
+    parser.add_argument("--out", type=Path, default=None, help="folder of checks.json (required but with --source-hash)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--cases", default=",".join(CASES), help=f"correctness cases, of {', '.join(CASES)}")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
@@ -689,7 +695,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 21 on a GPU, 1 dry)")
     parser.add_argument("--summarise", type=Path, default=None, metavar="STEPS",
                         help="write suite.json and summary.md from the outputs and the suite's step log")
+    parser.add_argument("--source-hash", action="store_true", help="print this checkout's source_sha256 and exit")
     args = parser.parse_args(argv)
+    if args.source_hash:
+        print(source_sha256())
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     if args.summarise is not None:
         return summarise(args.out, args.summarise)
     dry = args.dry_run or os.environ.get("DRY_RUN") == "1"
