@@ -206,7 +206,7 @@ def check_cuda_backend(dry: bool) -> list[dict]:
     ok, why = backends.status("cuda")
     if not ok:
         return [skipped("cuda", "cuda-backend", f"cuda backend unavailable: {why}")]
-    from isofast import spectral
+    from isofast import _ext, spectral
 
     out: list[dict] = []
     widths = [2, 16, 16, 10] if dry else PAPER
@@ -237,11 +237,13 @@ def check_cuda_backend(dry: bool) -> list[dict]:
         errs = [rel(be.gram(x.float()), x @ x.transpose(1, 2)), rel(be.sqnorm(x.float()), x.square().sum(-1))]
         a = torch.randn(2000, 6, 6, dtype=torch.float64)
         h = a @ a.transpose(1, 2) + 0.1 * torch.eye(6, dtype=torch.float64)
-        errs.append(rel(spectral.eigvalsh(h.cuda()), torch.linalg.eigvalsh(h)))
-        errs.append(rel(spectral.eigvalsh(h.float().cuda()), torch.linalg.eigvalsh(h)))
+        ext = _ext.get()
+        errs.append(rel(ext.cuda_eigvalsh(h.cuda()), torch.linalg.eigvalsh(h)))
+        errs.append(rel(ext.cuda_condition_numbers(h.cuda()), ext.condition_numbers(h)))  # the CPU kernel, fp64
+        errs.append(rel(spectral.eigvalsh(h.float().cuda()), torch.linalg.eigvalsh(h)))  # the public op, fp32
         rec.update(rel_errs={"gram_fp32": errs[0], "sqnorm_fp32": errs[1], "eigvalsh_fp64": errs[2],
-                             "eigvalsh_fp32": errs[3]})
-        rec["ok"] = errs[0] < 1e-5 and errs[1] < 1e-5 and errs[2] < 1e-9 and errs[3] < 1e-4
+                             "condition_fp64": errs[3], "eigvalsh_fp32": errs[4]})
+        rec["ok"] = max(errs[:2]) < 1e-5 and max(errs[2:4]) < 1e-9 and errs[4] < 1e-4
 
     out.append(guarded(rec, body_reductions))
     for r in out:
