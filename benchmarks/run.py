@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     ap.add_argument("--no-quality", action="store_true", help="skip the estimator-quality study")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="start no case after S seconds (results so far are written after every case)")
     args = ap.parse_args(argv)
     mode_name = args.mode or "quick"
     settings = SETTINGS[mode_name]
@@ -172,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         prefixes = tuple(args.cases.split(","))
         cases = [c for c in cases if c.name.startswith(prefixes)]
     reps = args.reps or settings["reps"]
-    for case in cases:
+    meta["skipped_cases"] = []
+    for i, case in enumerate(cases):
+        if args.time_limit is not None and time.perf_counter() - t0 > args.time_limit:
+            meta["skipped_cases"] = [c.name for c in cases[i:]]
+            print(f"\ntime limit of {args.time_limit:.0f} s reached: {len(cases) - i} case(s) not run: "
+                  f"{', '.join(meta['skipped_cases'])}", flush=True)
+            break
         names = providers_for(case, device, compile_=not args.no_compile)
         if device.type == "cpu" and (case.group != "paper" or case.batch > (100 if mode_name == "quick" else 1024)):
             # compiling on CPU costs tens of seconds per shape: only where the table needs it
@@ -181,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                             clock=args.clock)
         _print_case(recs)
         records += recs
-    if not args.no_quality:
+        report.write_json(args.out / "results.json", {**meta, "partial": True}, records)  # survives a kill
+    if not args.no_quality and not meta["skipped_cases"]:
         m_values, ks, draws = settings["quality"]
         print(f"\n== estimator quality: m in {m_values}, K in {ks}, {draws} draws, batch 100", flush=True)
         q = estimator_quality(m_values, ks, draws, batch=100, device=device, clock=CLOCKS[args.clock])

@@ -17,13 +17,16 @@ from isofast.ops import mlp_pullback
 
 def test_compile_check_every_cu_source():
     results = cuda_backend.BACKEND.compile_check()
-    names = {name for name, _, _ in results}
+    names = {r.kernel for r in results}
     assert names == {os.path.basename(s) for s in _ext.CUDA_SOURCES}
     if cuda_backend.find_nvcc() is None:
-        assert all(ok and msg.startswith("skipped") for _, ok, msg in results)
+        assert all(r.ok and r.message.startswith("skipped") for r in results)
         pytest.skip("nvcc not found")
-    for name, ok, msg in results:
-        assert ok, f"{name}: {msg}"
+    for r in results:
+        assert r.ok, f"{r.kernel}: {r.message}"
+        # ptxas -v: every source defines kernels, each with its registers and spill counts
+        assert r.stats and all(s["registers"] > 0 and s["spill_stores"] is not None for s in r.stats), r.stats
+        assert all(s["backend"] == "cuda" and s["kernel"] == r.kernel for s in r.stats)
 
 
 def test_compile_check_reports_failures(tmp_path, monkeypatch):
@@ -35,7 +38,7 @@ def test_compile_check_reports_failures(tmp_path, monkeypatch):
         (tmp_path / s).write_text("this is not C++;\n")
     monkeypatch.setattr(_ext, "CSRC", tmp_path)
     results = cuda_backend.BACKEND.compile_check()
-    assert results and not any(ok for _, ok, _ in results)
+    assert results and not any(r.ok for r in results)
 
 
 def test_cuda_availability_is_honest():

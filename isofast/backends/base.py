@@ -19,6 +19,7 @@ rounded to half precision. Gradients are in the dtypes of the tensors they belon
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,6 +50,17 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 Grads = tuple[Tensor | None, list[Tensor], list[Tensor | None]]
 
 
+class CompileResult(NamedTuple):
+    """One kernel of :meth:`Backend.compile_check`. ``stats``: its resource-usage records
+    (:mod:`isofast.compile_stats`: registers, spills, stack, shared memory), empty when the
+    compiler reported none."""
+
+    kernel: str
+    ok: bool
+    message: str
+    stats: list[dict[str, Any]]
+
+
 class Backend:
     """Base class of a backend. Subclasses implement the four op methods."""
 
@@ -62,9 +74,9 @@ class Backend:
         """Whether tensors of ``dtype`` on ``device`` can run here, and why not."""
         return True, ""
 
-    def compile_check(self) -> list[tuple[str, bool, str]]:
+    def compile_check(self) -> list[CompileResult]:
         """Compile this backend's kernels without running them (no GPU needed): one
-        ``(kernel, ok, message)`` per kernel. ``isofast doctor --compile-check`` runs it."""
+        :class:`CompileResult` per kernel. ``isofast doctor --compile-check`` runs it."""
         return []
 
     def build(self) -> tuple[bool, str]:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from isofast import _ext
+from isofast import _ext, compile_stats
+from isofast.backends.base import CompileResult
 from isofast.backends.cpu_backend import act_args
 from isofast.backends.torch_backend import TorchBackend
 
@@ -73,30 +74,37 @@ class CudaBackend(TorchBackend):
     def build(self) -> tuple[bool, str]:
         return _ext.build()
 
-    def compile_check(self) -> list[tuple[str, bool, str]]:
-        """Compile each ``csrc/cuda/*.cu`` to an object with ``nvcc -c --std=c++17 -arch=sm_90``."""
+    def compile_check(self) -> list[CompileResult]:
+        """Compile each ``csrc/cuda/*.cu`` to an object with ``nvcc -c --std=c++17 -arch=sm_90``;
+        ``-Xptxas -v`` reports each kernel's registers, spills and shared memory."""
         sources = [_ext.CSRC / s for s in _ext.CUDA_SOURCES]
         nvcc = find_nvcc()
         if nvcc is None:
-            return [(s.name, True, "skipped: nvcc not found") for s in sources]
+            return [CompileResult(s.name, True, "skipped: nvcc not found", []) for s in sources]
         results = []
         includes = [str(_ext.CSRC), *_torch_includes(), sysconfig.get_paths()["include"]]
         with tempfile.TemporaryDirectory(prefix="isofast-nvcc-") as tmp:
             for src in sources:
                 if not src.exists():
-                    results.append((src.name, False, f"source missing: {src.name}"))
+                    results.append(CompileResult(src.name, False, f"source missing: {src.name}", []))
                     continue
-                cmd = [nvcc, "-c", "--std=c++17", f"-arch={COMPILE_CHECK_ARCH}", "-O3", str(src),
+                cmd = [nvcc, "-c", "--std=c++17", f"-arch={COMPILE_CHECK_ARCH}", "-O3", "-Xptxas", "-v", str(src),
                        "-o", str(Path(tmp) / (src.stem + ".o"))]
                 cmd += [f"-I{p}" for p in includes]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
                 except (OSError, subprocess.TimeoutExpired) as exc:
-                    results.append((src.name, False, f"nvcc did not run: {exc}"))
+                    results.append(CompileResult(src.name, False, f"nvcc did not run: {exc}", []))
                     continue
-                ok = proc.returncode == 0
-                msg = (proc.stderr or proc.stdout).strip()
-                results.append((src.name, ok, f"nvcc -arch={COMPILE_CHECK_ARCH}" if ok else msg[-2000:]))
+                if proc.returncode != 0:
+                    msg = (proc.stderr or proc.stdout).strip()
+                    results.append(CompileResult(src.name, False, msg[-2000:], []))
+                    continue
+                stats = compile_stats.parse_ptxas_log(proc.stderr + proc.stdout)
+                for rec, name in zip(stats, compile_stats.demangle([r["function"] for r in stats])):
+                    rec.update(backend=self.name, kernel=src.name, function=name)
+                results.append(CompileResult(src.name, True, f"nvcc -arch={COMPILE_CHECK_ARCH}, "
+                                             f"{compile_stats.summary(stats)}", stats))
         return results
 
     # --- generic-path reductions -------------------------------------------------------------

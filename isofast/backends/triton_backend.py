@@ -16,7 +16,9 @@ suite checks the kernels without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 from collections.abc import Sequence
 
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor
 
 from isofast.activations import KINDS, Activation
-from isofast.backends.base import Backend, Grads
+from isofast import compile_stats
+from isofast.backends.base import Backend, CompileResult, Grads
 
 #: ``saved[-1]`` is a marker whose length is the forward's GEMM precision code, reused by the backward.
 _MARKERS: dict[int, Tensor] = {}
@@ -137,18 +140,22 @@ class TritonBackend(Backend):
 
     # ---------------------------------------------------------------- ahead-of-time compilation
 
-    def compile_check(self) -> list[tuple[str, bool, str]]:
+    def compile_check(self) -> list[CompileResult]:
         """Compile every kernel specialisation in :func:`compile_specs` for an sm_90 (H100) target
-        with ``triton.compile`` (down to a cubin through the ptxas that Triton ships); no GPU needed."""
+        with ``triton.compile`` (down to a cubin through the ptxas that Triton ships); no GPU needed.
+        Bypasses Triton's cache so that ptxas runs and reports registers and spills."""
         try:
             import triton  # noqa: F401
         except ImportError as exc:
-            return [("triton", False, f"triton is not importable: {exc}")]
+            return [CompileResult("triton", False, f"triton is not importable: {exc}", [])]
         if _interpreting():
-            return [("triton", False, "TRITON_INTERPRET=1 is set: unset it to compile for the GPU target")]
+            return [CompileResult("triton", False, "TRITON_INTERPRET=1 is set: unset it to compile for the GPU target", [])]
         results = []
         for label, kernel, signature, constexprs in compile_specs():
-            results.append((label, *_compile_one(kernel, signature, constexprs)))
+            results.append(CompileResult(label, *_compile_one(kernel, signature, constexprs)))
+        for res in results:
+            for rec in res.stats:
+                rec.update(backend=self.name, kernel=res.kernel)
         return results
 
 
@@ -218,20 +225,32 @@ def compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, object]
     return specs
 
 
-def _compile_one(kernel, signature: dict[str, str], constexprs: dict[str, object]) -> tuple[bool, str]:
+def _compile_one(kernel, signature: dict[str, str], constexprs: dict[str, object]) -> tuple[bool, str, list[dict]]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    log = io.StringIO()
     try:
+        from triton import knobs
+
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        # A cached cubin would skip ptxas and its report: compile afresh, with Triton printing the log.
+        with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.compilation.always_compile = True
+            knobs.nvidia.dump_ptxas_log = True
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     except Exception as exc:  # noqa: BLE001 - report any compiler failure as a failed check
         first = str(exc).strip().splitlines()
-        return False, f"{type(exc).__name__}: {first[0] if first else ''}"[:300]
+        return False, f"{type(exc).__name__}: {first[0] if first else ''}"[:300], []
     meta = compiled.metadata
     cubin = compiled.asm.get("cubin", b"")
-    return True, f"sm_90 cubin {len(cubin)} B, {getattr(meta, 'shared', 0)} B shared, {meta.num_warps} warps"
+    stats = compile_stats.parse_ptxas_log(log.getvalue())
+    shared = getattr(meta, "shared", 0)
+    for rec in stats:
+        rec["shared_bytes"] = shared  # Triton's shared memory is dynamic: ptxas does not see it
+    return True, (f"sm_90 cubin {len(cubin)} B, {shared} B shared, {meta.num_warps} warps, "
+                  f"{compile_stats.summary(stats)}"), stats
 
 
 BACKEND = TritonBackend()
