@@ -13,6 +13,7 @@ from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
+from isofast.streams import sequential_pullback
 
 Decoder = Callable[[Tensor], Tensor]
 
@@ -20,6 +21,8 @@ Decoder = Callable[[Tensor], Tensor]
 def _metric(p: Plan, decoder: Decoder, z: Tensor) -> Tensor:
     if p.path == "fused_mlp":
         return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
+    if p.path == "fused_sequential":
+        return sequential_pullback(p.spec, z)  # type: ignore[arg-type]
     return generic_pullback(decoder, z)
 
 

@@ -16,6 +16,7 @@ from isofast.backends.base import Backend
 from isofast.measures import EXACT_ONLY, MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
 from isofast.ops.tangent_gram import cuda_reductions
+from isofast.streams import SequentialSpec, plan_sequential
 
 #: ``estimator="auto"`` takes the exact metric up to this latent width and Hutchinson above it:
 #: exact wherever it costs no more than the official one-probe Hutchinson estimator. Measured
@@ -28,7 +29,7 @@ EXACT_MAX_LATENT = 2
 
 @dataclass(frozen=True)
 class Plan:
-    """What a call does. ``path`` is ``"fused_mlp"`` or ``"generic"``; ``n_probes`` is ``None``
+    """What a call does. ``path`` is ``"fused_mlp"``, ``"fused_sequential"`` or ``"generic"``; ``n_probes`` is ``None``
     for the exact estimator; ``reasons`` maps ``"path"``, ``"backend"``, ``"estimator"`` to why."""
 
     path: str
@@ -37,7 +38,7 @@ class Plan:
     n_probes: int | None
     measure: str | None
     reasons: dict[str, str]
-    spec: MLPSpec | None = field(default=None, repr=False, compare=False)
+    spec: MLPSpec | SequentialSpec | None = field(default=None, repr=False, compare=False)
     backend_impl: Backend | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
@@ -133,6 +134,12 @@ def plan(
         forced = backends.forced()
         if forced not in (None, "torch"):
             raise ValueError(f"backend {forced!r} runs only the fused MLP path, but this decoder is not fusable: {path_why}")
+        seq, path_why = plan_sequential(decoder, z, chosen, path_why)
+        if seq is not None:
+            return Plan("fused_sequential", "torch", chosen, k, measure,
+                        {"path": f"fused_sequential: {path_why}",
+                         "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
+                         "estimator": est_why}, seq)
         on_cuda, reduce_why = cuda_reductions(z.device)
         reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
         return Plan(
