@@ -95,6 +95,8 @@ class TrainConfig:
     eta: float | None = 0.2
     estimator: str = "auto"
     n_probes: int = 1
+    reg_every: int = 1
+    reg_subsample: float = 1.0
     decoder: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: list(OFFICIAL_HIDDEN))
     n_samples: int = 3000
@@ -111,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.reg_every < 1 or not 0 < self.reg_subsample <= 1:
+            raise ValueError(f"--reg-every must be >= 1 and --reg-subsample in (0, 1], got {self.reg_every} and {self.reg_subsample}")
         d = DATASET_DEFAULTS[self.dataset]
         c = dataclasses.replace(self, hidden=list(self.hidden))
         c.lr = d["lr"] if c.lr is None else c.lr
@@ -351,7 +355,7 @@ def make_model(config: TrainConfig, data: DataBundle) -> IsoAutoencoder:
         config.model, data.data_dim, config.latent_dim, hidden=config.hidden, decoder=config.decoder,
         image_shape=data.image_shape, iso_weight=float(config.iso_weight or 0.0), measure=config.measure,
         eta=config.eta, estimator=config.estimator, n_probes=config.n_probes,
-        init_sigma=float(config.init_sigma or 1.0),
+        init_sigma=float(config.init_sigma or 1.0), reg_every=config.reg_every, reg_subsample=config.reg_subsample,
     )
 
 

@@ -96,6 +96,8 @@ class IsoAutoencoder(nn.Module):
         estimator: str = "auto",
         n_probes: int = 1,
         init_sigma: float = 1.0,
+        reg_every: int = 1,
+        reg_subsample: float = 1.0,
     ) -> None:
         super().__init__()
         if kind not in MODELS:
@@ -112,6 +114,10 @@ class IsoAutoencoder(nn.Module):
         self.estimator = estimator
         self.n_probes = n_probes
         self.sync = False
+        # Lazy (every k-th step, scaled by k) and subsampled regularisation; weight 1: iso_weight
+        # is applied below. Its call count is in state_dict, so checkpoints resume the schedule.
+        self.regularizer = isofast.IsometricRegularizer(
+            measure, eta=eta, estimator=estimator, n_probes=n_probes, every=reg_every, subsample=reg_subsample)
         if self.variational:
             # Learned isotropic Gaussian decoder noise; log-parameterised so sigma stays positive
             # (the official code learns sigma directly, initialised to 1).
@@ -130,7 +136,8 @@ class IsoAutoencoder(nn.Module):
         """``x (B, D)`` -> ``{"loss", "recon", "kl", "reg"}`` (0-d tensors; ``loss`` is the objective).
 
         ``recon`` is the per-pixel MSE for AEs and the Gaussian NLL per sample for VAEs; ``reg`` is
-        the unweighted distortion (0 for unregularised models).
+        the unweighted distortion (0 for unregularised models; with ``reg_every = k`` it is ``k``
+        times the distortion on every ``k``-th training call and 0 on the others).
         """
         out = self.encoder(x)
         if self.variational:
@@ -153,10 +160,8 @@ class IsoAutoencoder(nn.Module):
             # Computed last on purpose: the autograd engine then runs its backward first, which is
             # what lets the loop time it (see loop.RegTimer).
             zr = z if self.reg_input_hook is None else self.reg_input_hook(z)
-            reg = isofast.distortion(
-                self.decoder, zr, self.measure, eta=self.eta, estimator=self.estimator,
-                n_probes=self.n_probes, sync=self.sync,
-            )
+            self.regularizer.sync = self.sync
+            reg = self.regularizer(self.decoder, zr)
             if self.reg_output_hook is not None:
                 reg = self.reg_output_hook(reg)
             loss = loss + self.iso_weight * reg
@@ -179,6 +184,8 @@ def build_model(
     estimator: str = "auto",
     n_probes: int = 1,
     init_sigma: float = 1.0,
+    reg_every: int = 1,
+    reg_subsample: float = 1.0,
 ) -> IsoAutoencoder:
     """The official IRVAE architecture for ``kind`` on ``data_dim``-dimensional data.
 
@@ -199,5 +206,6 @@ def build_model(
         dec = mlp(latent_dim, list(reversed(list(hidden))), data_dim, nn.Sigmoid() if image_shape else None)
     return IsoAutoencoder(
         kind, enc, dec, latent_dim, iso_weight=iso_weight, measure=measure, eta=eta,
-        estimator=estimator, n_probes=n_probes, init_sigma=init_sigma,
+        estimator=estimator, n_probes=n_probes, init_sigma=init_sigma, reg_every=reg_every,
+        reg_subsample=reg_subsample,
     )
