@@ -26,10 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from isofast.activations import Activation, from_module
 from isofast.backends.base import acc_dtype
@@ -151,15 +153,47 @@ def extract_sequential(decoder: object) -> tuple[SequentialSpec | None, str]:
         f"{name} is an nn.Sequential of {len(steps)} stream-carried layers ({', '.join(kinds)} and activations)")
 
 
-def _join(primal: Tensor, tangents: Tensor) -> Tensor:
-    return torch.cat([primal.unsqueeze(0), tangents]).flatten(0, 1)
+class _Gate(torch.autograd.Function):
+    """``rows ((1 + K) B, ...) -> ((1 + K) B, ...)``: ``p = rows[:B] + b``, primal rows ``s(p)``,
+    tangent rows ``s'(p) t``, written into one buffer (no concatenation, so the next layer call
+    takes it as is). Backward: ``t_bar = s'(p) out_bar_t``,
+    ``p_bar = s'(p) out_bar_p + s''(p) sum_k t_k out_bar_k`` and ``b_bar = p_bar`` summed to the
+    bias's shape."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, bias: Tensor | None, act: Activation, bsz: int) -> Tensor:  # type: ignore[override]
+        p = rows[:bsz] if bias is None else rows[:bsz] + bias
+        value, slope = act.derivatives(p, order=1)
+        out = torch.empty_like(rows)
+        out[:bsz] = value
+        torch.mul(slope, rows[bsz:].unflatten(0, (-1, bsz)), out=out[bsz:].unflatten(0, (-1, bsz)))
+        # s'' = 0 (ReLU-like): the backward needs only s'(p), not the tangent rows.
+        ctx.save_for_backward(p, rows if act.has_second_derivative else None)
+        ctx.act, ctx.bsz, ctx.bias_shape = act, bsz, None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        p, rows = ctx.saved_tensors
+        bsz, act = ctx.bsz, ctx.act
+        _, slope, curve = act.derivatives(p, order=2)
+        grad_t = grad[bsz:].unflatten(0, (-1, bsz))
+        grad_rows = torch.empty_like(grad)
+        torch.mul(slope, grad_t, out=grad_rows[bsz:].unflatten(0, (-1, bsz)))
+        grad_p = slope * grad[:bsz]
+        if rows is not None:
+            grad_p += curve * (rows[bsz:].unflatten(0, (-1, bsz)) * grad_t).sum(0)
+        grad_rows[:bsz] = grad_p
+        grad_bias = None if ctx.bias_shape is None else grad_p.sum_to_size(ctx.bias_shape)
+        return grad_rows, grad_bias, None, None
 
 
-def _split(rows: Tensor, bsz: int, k: int) -> tuple[Tensor, Tensor]:
-    # One split rather than two slices: its backward is one concatenation, where each slice's
-    # backward would write its gradient into a zero-filled tensor of all the rows.
-    primal, tangents = rows.split([bsz, k * bsz])
-    return primal, tangents.unflatten(0, (k, bsz))
+def _add_primal(rows: Tensor, bias: Tensor, bsz: int) -> Tensor:
+    """``rows`` with ``bias`` added to the primal rows ``[0, B)`` only (a bias no activation follows)."""
+    shift = torch.zeros((rows.shape[0] // bsz, 1, *bias.shape), dtype=rows.dtype, device=rows.device)
+    shift[0, 0] = bias
+    return (rows.unflatten(0, (-1, bsz)) + shift).flatten(0, 1)
 
 
 def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,33 +203,28 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
     Differentiable in ``z``, ``vectors`` and the parameters by ordinary reverse mode.
     """
     bsz, k = vectors.shape[:2]
-    primal, tangents = z, vectors.transpose(0, 1)
-    rows: Tensor | None = None  # the joined ((1 + K) B, ...) rows, while no split is needed
+    rows = torch.cat([z.unsqueeze(0), vectors.transpose(0, 1)]).flatten(0, 1)
+    bias: Tensor | None = None  # the last affine layer's bias, until an activation or a map takes it
     for step in spec.steps:
         if step.kind == "act":
-            if rows is not None:
-                primal, tangents = _split(rows, bsz, k)
-                rows = None
-            value, slope = step.act.derivatives(primal, order=1)  # type: ignore[union-attr]
-            primal, tangents = value, slope.unsqueeze(0) * tangents
+            rows, bias = _Gate.apply(rows, bias, step.act, bsz), None
             continue
-        x = _join(primal, tangents) if rows is None else rows
+        if bias is not None:
+            rows, bias = _add_primal(rows, bias, bsz), None
         if step.kind == "map":
-            rows = step.module(x)
+            rows = step.module(rows)
         else:
-            rows = _AFFINE[type(step.module)](step.module, x)
-            bias = step.module.bias
-            if bias is not None:
+            mod = step.module
+            rows = _AFFINE[type(mod)](mod, rows)
+            if mod.bias is not None:
                 # Linear biases broadcast over the last dim, convolution biases over channels (dim 1).
-                shape = (-1,) if type(step.module) is nn.Linear else (-1, *[1] * (rows.dim() - 2))
-                primal, tangents = _split(rows, bsz, k)
-                primal, rows = primal + bias.view(shape), None
-                continue
+                bias = mod.bias if type(mod) is nn.Linear else mod.bias.view(-1, *[1] * (rows.dim() - 2))
         if rows.shape[0] != bsz * (1 + k):
             raise ValueError(f"{type(step.module).__name__} changed the number of rows: the stream path needs per-sample layers")
-    if rows is not None:
-        primal, tangents = _split(rows, bsz, k)
-    return primal.reshape(bsz, -1), tangents.reshape(k, bsz, -1).transpose(0, 1)
+    if bias is not None:
+        rows = _add_primal(rows, bias, bsz)
+    primal, tangents = rows.flatten(1).split([bsz, k * bsz])
+    return primal, tangents.unflatten(0, (k, bsz)).transpose(0, 1)
 
 
 def sequential_pullback(spec: SequentialSpec, z: Tensor) -> Tensor:
