@@ -153,8 +153,8 @@ SWEEP = (*CORE, "isofast-torch-hutch-K4")
 #: The competitors of the conv and attention cases: the official recipe (the attention case also
 #: with PyTorch's math attention kernel forced), today's generic path, the stream path, the
 #: first-order estimator once isofast has it, and what ``estimator="auto"`` runs.
-DECODER_CORE = ("official", "generic-hutch-K1", "isofast-forward-K2", "isofast-auto")
-CONV = (*DECODER_CORE, "generic-exact", "isofast-seq-exact", "seq-forward-K2")
+DECODER_CORE = ("official", "generic-hutch-K1", "isofast-forward-K2", "isofast-forward-K4", "isofast-auto")
+CONV = (*DECODER_CORE, "generic-exact", "isofast-seq-exact", "seq-forward-K2", "seq-forward-K4")
 ATTENTION = (*DECODER_CORE, "official-math-sdpa")
 
 

@@ -95,6 +95,7 @@ def test_flops_and_quality() -> None:
     assert inputs.z.shape == (6, 2) and inputs.probes.shape[:2] == (6, 4)
 
 
+@pytest.mark.slow
 def test_conv_and_attention_cases() -> None:
     """The decoder cases build and agree: the stream path equals today's generic path (exact) and
     the generic Hutchinson path equals the official recipe on the same probes."""
