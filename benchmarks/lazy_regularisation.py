@@ -1,6 +1,6 @@
 """Lazy regularisation on the bundled digits: what ``--reg-every k`` does to MCN, VoR, MSE and time.
 
-``python benchmarks/lazy_regularisation.py --out benchmarks/results/lazy_digits.json`` trains the
+``python benchmarks/lazy_regularisation.py --seeds 0,1,2 --out results/lazy_digits/results.json`` trains the
 default digits IRVAE (all ten classes, latent 2, 30 epochs, seed 0 unless told) once per ``k``,
 one after the other with one torch thread, and writes the test-split metrics, the training time
 and the regulariser's share of the step time per run.
