@@ -9,7 +9,8 @@
 
 The decoder is always a function ``(B, m) -> (B, D)`` with flattened outputs. The MLP decoder is a
 plain ``nn.Sequential`` of ``nn.Linear`` and activations so that isofast recognises it and takes its
-fused path; ``--decoder conv`` gives a transposed-conv decoder that exercises the generic path.
+fused path; ``--decoder conv`` gives a transposed-conv decoder that isofast carries on its
+fused_sequential path (exact estimator) or its generic path (Hutchinson).
 Note: the AE loss is a per-pixel mean while the VAE loss is a per-sample sum over D pixels scaled by
 1/sigma^2, so the same ``iso_weight`` means far less for an IRVAE than for an IRAE.
 """
@@ -73,6 +74,11 @@ class ConvDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         """``z (B, m)`` -> flattened image ``(B, C*H*W)``."""
         return self.net(self.fc(z).view(-1, *self.base)).flatten(1)
+
+    def isofast_sequential(self) -> nn.Sequential:
+        """:meth:`forward` as one ``nn.Sequential`` of the same modules, so isofast carries its
+        tangent streams through these layers (the fused_sequential path)."""
+        return nn.Sequential(self.fc, nn.Unflatten(1, self.base), *self.net, nn.Flatten())
 
 
 class IsoAutoencoder(nn.Module):
