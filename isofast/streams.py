@@ -51,6 +51,7 @@ _AFFINE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
                         (nn.ConvTranspose3d, F.conv_transpose3d))
     },
 }
+_CHANNELS_LAST = (nn.Conv2d, nn.ConvTranspose2d)
 #: Linear per-sample maps run unchanged over all rows (every interpolation mode is linear in its input).
 _LINEAR_MAPS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Flatten, nn.Unflatten)
 _INTERPOLATION = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
@@ -215,6 +216,10 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
             rows = step.module(rows)
         else:
             mod = step.module
+            if type(mod) in _CHANNELS_LAST and rows.device.type == "cpu":
+                # oneDNN computes 2-d convolutions channels-last and copies a contiguous input's
+                # result back (a full extra pass per layer): keep the rows channels-last instead.
+                rows = rows.contiguous(memory_format=torch.channels_last)
             rows = _AFFINE[type(mod)](mod, rows)
             if mod.bias is not None:
                 # Linear biases broadcast over the last dim, convolution biases over channels (dim 1).
