@@ -154,6 +154,15 @@ def extract_sequential(decoder: object) -> tuple[SequentialSpec | None, str]:
         f"{name} is an nn.Sequential of {len(steps)} stream-carried layers ({', '.join(kinds)} and activations)")
 
 
+def _mul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``out = a * b`` in place. torch.compile refuses ``out=`` on non-contiguous (channels-last)
+    views, and fuses the copy of the product into ``out`` anyway, so it gets the copy."""
+    if torch.compiler.is_compiling():
+        out.copy_(a * b)
+    else:
+        torch.mul(a, b, out=out)
+
+
 class _Gate(torch.autograd.Function):
     """``rows ((1 + K) B, ...) -> ((1 + K) B, ...)``: ``p = rows[:B] + b``, primal rows ``s(p)``,
     tangent rows ``s'(p) t``, written into one buffer (no concatenation, so the next layer call
@@ -167,7 +176,7 @@ class _Gate(torch.autograd.Function):
         value, slope = act.derivatives(p, order=1)
         out = torch.empty_like(rows)
         out[:bsz] = value
-        torch.mul(slope, rows[bsz:].unflatten(0, (-1, bsz)), out=out[bsz:].unflatten(0, (-1, bsz)))
+        _mul_into(slope, rows[bsz:].unflatten(0, (-1, bsz)), out[bsz:].unflatten(0, (-1, bsz)))
         # s'' = 0 (ReLU-like): the backward needs only s'(p), not the tangent rows.
         ctx.save_for_backward(p, rows if act.has_second_derivative else None)
         ctx.act, ctx.bsz, ctx.bias_shape = act, bsz, None if bias is None else bias.shape
@@ -181,7 +190,7 @@ class _Gate(torch.autograd.Function):
         _, slope, curve = act.derivatives(p, order=2)
         grad_t = grad[bsz:].unflatten(0, (-1, bsz))
         grad_rows = torch.empty_like(grad)
-        torch.mul(slope, grad_t, out=grad_rows[bsz:].unflatten(0, (-1, bsz)))
+        _mul_into(slope, grad_t, grad_rows[bsz:].unflatten(0, (-1, bsz)))
         grad_p = slope * grad[:bsz]
         if rows is not None:
             grad_p += curve * (rows[bsz:].unflatten(0, (-1, bsz)) * grad_t).sum(0)
