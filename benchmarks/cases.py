@@ -26,7 +26,9 @@ class Case:
     """One decoder shape at one batch size.
 
     ``group`` is ``"paper"`` (the paper's decoder over batches), ``"latent"`` (latent sweep),
-    ``"width"`` (hidden/output widths) or ``"activation"`` (smooth activations).
+    ``"width"`` (hidden/output widths), ``"activation"`` (smooth activations), ``"conv"`` or
+    ``"attention"``. ``kind`` is the decoder family: ``"mlp"`` (``hidden``, ``out``, ``act`` and
+    ``out_act`` apply), ``"deconv28"`` (:func:`deconv28`) or ``"attention"`` (:class:`AttentionDecoder`).
     ``providers`` optionally restricts which competitors run (``None``: all of the mode's).
     """
 
@@ -39,6 +41,7 @@ class Case:
     act: str = "relu"
     out_act: str = "sigmoid"
     providers: tuple[str, ...] | None = field(default=None, compare=False)
+    kind: str = "mlp"
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -47,6 +50,10 @@ class Case:
 
     def describe(self) -> str:
         """Short human-readable shape, e.g. ``2-256x4-784 relu/sigmoid``."""
+        if self.kind == "deconv28":
+            return f"DeConvNet28 nh={DECONV_NH}, m={self.m} -> 1x28x28"
+        if self.kind == "attention":
+            return f"conv/GroupNorm/attention, latent {'x'.join(map(str, ATTENTION_LATENT))} -> 3x16x16"
         hid = self.hidden
         body = f"{hid[0]}x{len(hid)}" if len(set(hid)) == 1 else "-".join(map(str, hid))
         return f"{self.m}-{body}-{self.out} {self.act}/{self.out_act}"
@@ -56,17 +63,66 @@ class Case:
 class Inputs:
     """What every provider of a case receives: decoder, augmented codes, probes ``(B, K, m)``."""
 
-    decoder: nn.Sequential
+    decoder: nn.Module
     z: Tensor
     probes: Tensor
 
 
+#: Width factor of the DeConvNet28 case (channels 32 nh, 16 nh, 8 nh, 1).
+DECONV_NH = 4
+#: Image-shaped latent of the attention case, carried flat as ``z (B, 4 * 8 * 8)``.
+ATTENTION_LATENT = (4, 8, 8)
+
+
+def deconv28(m: int, nh: int = DECONV_NH) -> nn.Sequential:
+    """The official IRVAE ``DeConvNet28`` decoder's layer shapes as an ``nn.Sequential``:
+    ``z (B, m)`` as a ``1x1`` image, transposed convs to ``8x8`` (kernel 8), ``15x15`` (kernel 3,
+    stride 2, padding 1), ``28x28`` (kernel 2, stride 2, padding 1), a ``1x1`` conv to one channel;
+    ReLU between layers, sigmoid output."""
+    return nn.Sequential(
+        nn.Unflatten(1, (m, 1, 1)),
+        nn.ConvTranspose2d(m, nh * 32, kernel_size=8), nn.ReLU(),
+        nn.ConvTranspose2d(nh * 32, nh * 16, kernel_size=3, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(nh * 16, nh * 8, kernel_size=2, stride=2, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(nh * 8, 1, kernel_size=1), nn.Sigmoid(),
+    )
+
+
+class AttentionDecoder(nn.Module):
+    """``z (B, 4*8*8) -> (B, 3, 16, 16)``, the shape of a latent-diffusion decoder in miniature:
+    conv in, a GroupNorm/SiLU residual conv block, a GroupNorm + single-head self-attention block
+    over the ``8x8`` tokens (``F.scaled_dot_product_attention``, residual), nearest upsampling,
+    GroupNorm/SiLU and a conv out, sigmoid."""
+
+    def __init__(self, channels: int = 32, groups: int = 8) -> None:
+        super().__init__()
+        c = channels
+        self.conv_in = nn.Conv2d(ATTENTION_LATENT[0], c, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(groups, c), nn.Conv2d(c, c, 3, padding=1)
+        self.norm_attn, self.qkv, self.proj = nn.GroupNorm(groups, c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.norm_out, self.conv_out = nn.GroupNorm(groups, c), nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(z.view(-1, *ATTENTION_LATENT))
+        h = h + self.conv1(torch.nn.functional.silu(self.norm1(h)))
+        b, c, hh, ww = h.shape
+        q, k, v = self.qkv(self.norm_attn(h)).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        h = h + self.proj(a.transpose(1, 2).reshape(b, c, hh, ww))
+        return torch.sigmoid(self.conv_out(torch.nn.functional.silu(self.norm_out(self.up(h)))))
+
+
 def make_decoder(case: Case, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 seed: int = 0) -> nn.Sequential:
-    """The case's MLP decoder with PyTorch's default initialisation under ``seed``."""
+                 seed: int = 0) -> nn.Module:
+    """The case's decoder with PyTorch's default initialisation under ``seed``."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
+        if case.kind == "deconv28":
+            return deconv28(case.m).to(device=device, dtype=dtype)
+        if case.kind == "attention":
+            return AttentionDecoder().to(device=device, dtype=dtype)
         widths = case.widths
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -94,6 +150,12 @@ def make_inputs(case: Case, device: torch.device | str = "cpu", dtype: torch.dty
 #: on the paper decoder).
 CORE = ("official", "forward_ad", "isofast-torch-exact", "isofast-torch-hutch-K1")
 SWEEP = (*CORE, "isofast-torch-hutch-K4")
+#: The competitors of the conv and attention cases: the official recipe (the attention case also
+#: with PyTorch's math attention kernel forced), today's generic path, the stream path, the
+#: first-order estimator once isofast has it, and what ``estimator="auto"`` runs.
+DECODER_CORE = ("official", "generic-hutch-K1", "isofast-forward-K2", "isofast-forward-K4", "isofast-auto")
+CONV = (*DECODER_CORE, "generic-exact", "isofast-seq-exact", "seq-forward-K2", "seq-forward-K4")
+ATTENTION = (*DECODER_CORE, "official-math-sdpa")
 
 
 def grid(mode: str, device: torch.device | str) -> list[Case]:
@@ -122,7 +184,13 @@ def grid(mode: str, device: torch.device | str) -> list[Case]:
     cases += [Case(f"width-{w}", "width", other_b, hidden=(w,) * 4, providers=CORE) for w in widths]
     cases += [Case(f"out-{d}", "width", other_b, out=d, providers=CORE) for d in out_w]
     cases += [Case(f"act-{a}", "activation", other_b, act=a, providers=CORE) for a in acts]
+    # The official IRVAE DeConvNet28 shape (issue-sized: batch 64) and a small attention decoder.
+    # Today's generic exact path carries m forward-mode streams over m repeated codes: m = 2 only.
+    cases += [Case(f"deconv28-m{m}", "conv", 64, m=m, kind="deconv28",
+                   providers=CONV if m <= 2 else tuple(p for p in CONV if p != "generic-exact")) for m in (2, 16)]
+    cases.append(Case("attention-4x8x8", "attention", 8, m=256, kind="attention", providers=ATTENTION))
     return cases
 
 
-__all__ = ["CORE", "SWEEP", "Case", "Inputs", "grid", "make_decoder", "make_inputs"]
+__all__ = ["ATTENTION", "CONV", "CORE", "SWEEP", "AttentionDecoder", "Case", "Inputs", "deconv28", "grid",
+           "make_decoder", "make_inputs"]

@@ -20,6 +20,10 @@ from torch import Tensor, nn
 
 import isofast
 from isofast import baselines
+from isofast.generic import generic_hutchinson, generic_pullback
+from isofast.measures import BatchMean, from_metric, from_traces
+from isofast.ops import tangent_gram
+from isofast.streams import extract_sequential, tangent_images
 from benchmarks.cases import Inputs
 
 
@@ -131,6 +135,80 @@ def _isofast(backend: str, estimator: str, k: int = 1, compile_mode: str | None 
     return build
 
 
+def _official_math_sdpa(inputs: Inputs, device: torch.device) -> Runner:
+    """The official recipe with PyTorch's math attention kernel forced (the fused kernels have no
+    double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    v = inputs.probes[:, 0].contiguous()
+
+    def loss(d: nn.Module, z: Tensor) -> Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            return baselines.official_relaxed_distortion(d, z, v)
+    return _torch_runner(loss, inputs, device)
+
+
+def _generic(estimator: str) -> Callable[[Inputs, torch.device], Runner]:
+    """Today's generic path, called directly whatever isofast would plan: forward-mode AD over
+    repeated codes (exact: the latent basis; Hutchinson K=1: plus a VJP with create_graph)."""
+    def build(inputs: Inputs, device: torch.device) -> Runner:
+        v = inputs.probes[:, :1].contiguous()
+
+        def loss(d: nn.Module, z: Tensor) -> Tensor:
+            mean = BatchMean()
+            if estimator == "exact":
+                return from_metric("scaled_isometry", generic_pullback(d, z), mean)
+            stats = generic_hutchinson(d, z, v).mean(1)
+            return from_traces("scaled_isometry", stats[:, 0], stats[:, 1], z.shape[1], mean)
+        return _torch_runner(loss, inputs, device)
+    return build
+
+
+def _stream_exact(inputs: Inputs, device: torch.device) -> Runner:
+    """``estimator="exact"`` where isofast plans the fused Sequential (stream) path."""
+    p = isofast.plan(inputs.decoder, inputs.z, eta=None, estimator="exact")
+    if p.path != "fused_sequential":
+        raise Skip(f"not planned onto the stream path: {p.reasons['path']}")
+    return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, estimator="exact"), inputs, device)
+
+
+def _forward_estimator(k: int) -> Callable[[Inputs, torch.device], Runner]:
+    """isofast's first-order estimator (``estimator="forward"``, K probes), where this isofast has it."""
+    def build(inputs: Inputs, device: torch.device) -> Runner:
+        if "forward" not in isofast._checks.ESTIMATORS:
+            raise Skip("this isofast has no estimator='forward'")
+        p = inputs.probes[:, :k].contiguous()
+        return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, estimator="forward", probes=p),
+                             inputs, device)
+    return build
+
+
+def _stream_forward(k: int) -> Callable[[Inputs, torch.device], Runner]:
+    """The stream path's tangent images with the first-order trace estimates: for ``K`` probes,
+    ``Tr H ~ mean_k ||J u_k||^2`` and ``Tr H^2 ~ mean_{i<j} (J u_i . J u_j)^2`` (unbiased)."""
+    def build(inputs: Inputs, device: torch.device) -> Runner:
+        spec, why = extract_sequential(inputs.decoder)
+        if spec is None:
+            raise Skip(f"not a stream-path decoder: {why}")
+        u = inputs.probes[:, :k].contiguous()
+        iu, ju = torch.triu_indices(k, k, 1, device=device)
+
+        def loss(d: nn.Module, z: Tensor) -> Tensor:
+            _, jv = tangent_images(spec, z, u)
+            g = tangent_gram(jv.float())
+            tr = torch.diagonal(g, dim1=1, dim2=2).mean(-1)
+            tr2 = g[:, iu, ju].square().mean(-1)
+            return from_traces("scaled_isometry", tr, tr2, z.shape[1], BatchMean())
+        return _torch_runner(loss, inputs, device)
+    return build
+
+
+def _auto(inputs: Inputs, device: torch.device) -> Runner:
+    """What ``isofast.relaxed_distortion(decoder, z)`` runs by default (fresh probes per call)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, generator=gen), inputs, device)
+
+
 def _official_compiled(inputs: Inputs, device: torch.device) -> Runner:
     """The official recipe under ``torch.compile`` (expected to fail: double backward)."""
     v = inputs.probes[:, 0].contiguous()
@@ -188,6 +266,17 @@ def all_providers() -> dict[str, Provider]:
         Provider("forward_ad", "hutchinson", _baseline(baselines.forward_ad_relaxed_distortion)),
         Provider("vmap-exact", "exact", _vmap_exact),
         Provider("official+compile", "hutchinson", _official_compiled, note="torch.compile of the official recipe"),
+        Provider("official-math-sdpa", "hutchinson", _official_math_sdpa,
+                 note="official recipe under sdpa_kernel(SDPBackend.MATH)"),
+        Provider("generic-exact", "exact", _generic("exact"), note="today's generic path: forward AD over repeated codes"),
+        Provider("generic-hutch-K1", "hutchinson", _generic("hutchinson"),
+                 note="today's generic path: forward AD + VJP with create_graph"),
+        Provider("isofast-seq-exact", "exact", _stream_exact, note="fused_sequential path: m tangent streams as rows"),
+        *[Provider(f"isofast-forward-K{k}", "forward", _forward_estimator(k), n_probes=k,
+                   note=f"estimator='forward' (first-order), K={k}") for k in (2, 4)],
+        *[Provider(f"seq-forward-K{k}", "forward", _stream_forward(k), n_probes=k,
+                   note=f"stream-path tangent images + first-order trace estimates, K={k}") for k in (2, 4)],
+        Provider("isofast-auto", "auto", _auto, note="relaxed_distortion with estimator='auto'"),
         Provider("jax", "hutchinson", _jax, note="jax.jit of jvp + vjp"),
     ]
     for backend in isofast.backends.REGISTRY:

@@ -129,6 +129,8 @@ def auto_provider(m: int, providers: Iterable[str]) -> str | None:
     ``isofast.planning.EXACT_MAX_LATENT``, Hutchinson K=1 above; a compiled backend if measured."""
     from isofast.planning import EXACT_MAX_LATENT
 
+    if "isofast-auto" in providers:
+        return "isofast-auto"
     suffix = "-exact" if m <= EXACT_MAX_LATENT else "-hutch-K1"
     names = [p for p in providers if p.startswith("isofast-") and p.endswith(suffix)]
     for backend in ("triton", "cuda", "cpu", "torch"):
@@ -179,6 +181,37 @@ def latent_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def decoder_table(records: Sequence[dict[str, Any]]) -> str:
+    """Conv and attention cases, fwd+bwd: every provider against the official recipe (and against
+    it with the math attention kernel forced), and its loss against the same estimator's reference
+    on the same codes and probes (Hutchinson K=1: the official recipe; exact: the generic path)."""
+    fb = [r for r in records if r.get("group") in ("conv", "attention") and r["phase"] == "fwd_bwd"]
+    if not fb:
+        return ""
+    rows = ["| case | provider | fwd+bwd ms | vs official | vs official (math SDPA) | loss | rel. diff vs reference | note |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
+    for case in dict.fromkeys(r["case"] for r in fb):
+        rs = {r["provider"]: r for r in fb if r["case"] == case}
+
+        def ms(name: str) -> float | None:
+            r = rs.get(name)
+            return r["median_ms"] if r is not None and r["status"] == "ok" else None
+
+        refs = {"hutchinson": rs.get("official") if ms("official") else rs.get("official-math-sdpa"),
+                "exact": rs.get("generic-exact") or rs.get("isofast-seq-exact")}
+        for name, r in rs.items():
+            if r["status"] != "ok":
+                rows.append(f"| {case} | {name} | - | - | - | - | - | {r['status']}: {str(r['error']).replace('|', '/')} |")
+                continue
+            cells = [f"{ms(b) / r['median_ms']:.2f}x" if ms(b) else "-" for b in ("official", "official-math-sdpa")]
+            ref = refs.get(r["estimator"])
+            diff = "-"
+            if ref is not None and ref is not r and ref["value"] and r["value"] is not None:
+                diff = f"{abs(r['value'] - ref['value']) / abs(ref['value']):.1e}"
+            rows.append(f"| {case} | {name} | {_fmt(r['median_ms'])} | {cells[0]} | {cells[1]} | {r['value']:.5g} | {diff} | {r['note']} |")
+    return "\n".join(rows)
+
+
 def quality_table(records: Sequence[dict[str, Any]]) -> str:
     """Estimator quality: relative std / bias of the loss and relative std of the gradient."""
     q = [r for r in records if r.get("group") == "quality"]
@@ -205,6 +238,9 @@ def markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
              f"{meta.get('torch_threads')} torch thread(s).", "",
              "## Headline: official recipe vs what `estimator=\"auto\"` runs (fwd+bwd)", "", headline_table(records),
              "", "## Timings", "", timing_table(records)]
+    dt = decoder_table(records)
+    if dt:
+        parts += ["", "## Conv and attention decoders (fwd+bwd)", "", dt]
     lt = latent_table(records)
     if lt:
         parts += ["", "## Latent sweep (fwd+bwd ms)", "", lt]

@@ -42,6 +42,8 @@ def providers_for(case: Case, device: torch.device, compile_: bool) -> list[str]
     if case.providers is None:
         return default_names(device, compile_)
     names = list(case.providers)
+    if case.kind != "mlp":  # the compiled backends run MLPs only
+        return names
     for backend in available_backend_names(device):
         names += [f"isofast-{backend}-exact", f"isofast-{backend}-hutch-K1"]
     return names
@@ -52,7 +54,7 @@ def _record(env: dict[str, Any], case: Case, prov: Provider, phase: str, **field
         "provider": prov.name, "case": case.name, "group": case.group, "batch": case.batch, "m": case.m,
         "widths": list(case.widths), "decoder": case.describe(), "activation": case.act,
         "out_activation": case.out_act, "estimator": prov.estimator,
-        "n_probes": prov.n_probes if prov.estimator == "hutchinson" else None, "phase": phase,
+        "n_probes": prov.n_probes if prov.estimator in ("hutchinson", "forward") else None, "phase": phase,
         "status": "ok", "error": None, "median_ms": None, "min_ms": None, "iqr_ms": None, "reps": 0,
         "speedup_vs_official": None, "peak_mem_mb": None, "mem_method": None, "flops": None,
         "achieved_tflops": None, "value": None, "note": prov.note,
@@ -102,7 +104,8 @@ def measure_case(case: Case, names: list[str], device: torch.device, env: dict[s
             t = timings[phase][prov.name]
             official = timings[phase].get("official")
             ref = official.median_ms if official is not None else None
-            flops = case.batch * regulariser_flops(case.widths, prov.estimator, prov.n_probes, backward=phase == "fwd_bwd")
+            flops = (case.batch * regulariser_flops(case.widths, prov.estimator, prov.n_probes, backward=phase == "fwd_bwd")
+                     if case.kind == "mlp" else None)
             med = t.median_ms
             records.append(_record(
                 env, case, prov, phase, status="ok" if t.error is None else "failed", error=t.error,
@@ -110,7 +113,7 @@ def measure_case(case: Case, names: list[str], device: torch.device, env: dict[s
                 speedup_vs_official=(ref / med) if (ref and med) else None,
                 peak_mem_mb=mem if phase == "fwd_bwd" else None, mem_method=method if phase == "fwd_bwd" else None,
                 page_faults=faults if phase == "fwd_bwd" else None,
-                flops=flops, achieved_tflops=(flops / (med * 1e-3) / 1e12) if med else None,
+                flops=flops, achieved_tflops=(flops / (med * 1e-3) / 1e12) if med and flops else None,
                 value=values.get(prov.name), clock=clock,
             ))
     return records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -9,16 +10,20 @@ from torch import Tensor, nn
 
 from isofast import scale
 from isofast._checks import ESTIMATORS, can_read_values, check_choice, check_eta
+from isofast.backends.base import acc_dtype
 from isofast.generic import generic_hutchinson, generic_pullback
 from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
+from isofast.streams import sequential_pullback
 
 Decoder = Callable[[Tensor], Tensor]
 
 
 def _metric(p: Plan, decoder: Decoder, z: Tensor) -> Tensor:
+    if p.path == "fused_sequential":
+        return sequential_pullback(p.spec, z)  # type: ignore[arg-type]
     if p.path != "fused_mlp":
         return generic_pullback(decoder, z)
     if p.compute_dtype is None:
@@ -135,6 +140,18 @@ class IsometricRegularizer(nn.Module):
 
     >>> reg = IsometricRegularizer(weight=1.0)
     >>> loss = recon_loss + reg(vae.decoder, z)
+
+    Cheaper regularisation for long runs, in training mode (``reg.train()``, the default):
+
+    - ``every=k``: lazy regularisation (StyleGAN2). The distortion is computed on every ``k``-th
+      call only, starting with the first, and scaled by ``k``, so its expected gradient per call is
+      unchanged; the other calls return a zero (0-d, no graph) at the cost of nothing. The call
+      count is saved in ``state_dict`` so a resumed run keeps the schedule. Under DDP every rank
+      calls in step, so all ranks regularise on the same calls.
+    - ``subsample=f``: the distortion of ``ceil(f B)`` codes drawn without replacement from the
+      batch (drawn first, with ``generator``), an unbiased estimate of the full batch's.
+
+    In eval mode every call computes the full-batch distortion, unscaled.
     """
 
     def __init__(
@@ -145,16 +162,27 @@ class IsometricRegularizer(nn.Module):
         estimator: str = "auto",
         n_probes: int | None = None,
         sync: bool | object = False,
+        every: int = 1,
+        subsample: float = 1.0,
     ) -> None:
         super().__init__()
         check_choice("measure", measure, list(MEASURES))
         check_choice("estimator", estimator, ESTIMATORS)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if isinstance(subsample, bool) or not isinstance(subsample, (int, float)) or not 0 < subsample <= 1:
+            raise ValueError(f"subsample must be a fraction in (0, 1], got {subsample!r}")
         self.measure, self.weight, self.eta = measure, float(weight), check_eta(eta)
         self.estimator, self.n_probes, self.sync = estimator, n_probes, sync
+        self.every, self.subsample, self.calls = every, float(subsample), 0
 
     def forward(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None,
                 recon_scale: Tensor | float | None = None) -> Tensor:
-        """``weight * distortion`` of ``decoder`` on codes ``z (B, m)``, a 0-d tensor.
+        """``weight * distortion`` of ``decoder`` on codes ``z (B, ...)``, a 0-d tensor.
+
+        In training mode with ``every = k > 1`` only every k-th call regularises, with the loss
+        scaled by ``k`` (the others return a graph-free 0); ``subsample = f < 1`` uses ``ceil(f B)``
+        codes drawn with ``generator``. Eval mode always computes the full batch, unscaled.
 
         ``recon_scale`` (a positive number or 0-d tensor, used detached) multiplies the loss by the
         reconstruction term's current scale, e.g. ``sigma0**2 / sigma**2`` for a Gaussian decoder
@@ -162,8 +190,18 @@ class IsometricRegularizer(nn.Module):
         ``1 / sigma**2`` while ``sigma`` shrinks, and with a constant ``weight`` the regulariser's
         share of the objective fades in proportion (README, "A weighting that keeps the geometry").
         """
-        loss = self.weight * distortion(decoder, z, self.measure, eta=self.eta, estimator=self.estimator,
-                                        n_probes=self.n_probes, generator=generator, sync=self.sync)
+        factor = self.weight
+        if self.training:
+            due = self.calls % self.every == 0
+            self.calls += 1
+            if not due:
+                return torch.zeros((), dtype=acc_dtype(z.dtype), device=z.device)
+            factor *= self.every
+            if self.subsample < 1:
+                n = math.ceil(self.subsample * z.shape[0])
+                z = z[torch.randperm(z.shape[0], generator=generator, device=z.device)[:n]]
+        loss = factor * distortion(decoder, z, self.measure, eta=self.eta, estimator=self.estimator,
+                                  n_probes=self.n_probes, generator=generator, sync=self.sync)
         if recon_scale is None:
             return loss
         if isinstance(recon_scale, Tensor):
@@ -175,10 +213,17 @@ class IsometricRegularizer(nn.Module):
             raise ValueError(f"recon_scale must be a finite number > 0, got {recon_scale!r}")
         return loss * float(recon_scale)
 
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.calls = int(state["calls"])
+
     def plan(self, decoder: Decoder, z: Tensor) -> Plan:
-        """What :meth:`forward` will do for these arguments."""
+        """What :meth:`forward` will do for these arguments (on a call that regularises)."""
         return plan(decoder, z, self.measure, eta=self.eta, estimator=self.estimator, n_probes=self.n_probes,
                     sync=self.sync)
 
     def extra_repr(self) -> str:
-        return f"measure={self.measure!r}, weight={self.weight}, eta={self.eta}, estimator={self.estimator!r}"
+        return (f"measure={self.measure!r}, weight={self.weight}, eta={self.eta}, estimator={self.estimator!r}, "
+                f"every={self.every}, subsample={self.subsample}")

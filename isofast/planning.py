@@ -16,6 +16,7 @@ from isofast.backends.base import Backend, acc_dtype, autocast_dtype
 from isofast.measures import EXACT_ONLY, MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
 from isofast.ops.tangent_gram import cuda_reductions
+from isofast.streams import SequentialSpec, plan_sequential
 
 #: ``estimator="auto"`` takes the exact metric up to this latent width and Hutchinson above it:
 #: exact wherever it costs no more than the official one-probe Hutchinson estimator. Measured
@@ -28,7 +29,7 @@ EXACT_MAX_LATENT = 2
 
 @dataclass(frozen=True)
 class Plan:
-    """What a call does. ``path`` is ``"fused_mlp"`` or ``"generic"``; ``n_probes`` is ``None``
+    """What a call does. ``path`` is ``"fused_mlp"``, ``"fused_sequential"`` or ``"generic"``; ``n_probes`` is ``None``
     for the exact estimator; ``precision`` says in which dtypes the GEMMs run and the traces
     accumulate (e.g. ``"bfloat16 GEMMs (autocast), float32 accumulation"``); ``reasons`` maps
     ``"path"``, ``"backend"``, ``"estimator"`` and ``"precision"`` to why.
@@ -43,7 +44,7 @@ class Plan:
     measure: str | None
     reasons: dict[str, str]
     precision: str = ""
-    spec: MLPSpec | None = field(default=None, repr=False, compare=False)
+    spec: MLPSpec | SequentialSpec | None = field(default=None, repr=False, compare=False)
     backend_impl: Backend | None = field(default=None, repr=False, compare=False)
     compute_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)
 
@@ -201,9 +202,15 @@ def plan(
         forced = backends.forced()
         if forced not in (None, "torch"):
             raise ValueError(f"backend {forced!r} runs only the fused MLP path, but this decoder is not fusable: {path_why}")
+        precision, prec_why = _generic_precision(z, autocast)
+        seq, path_why = plan_sequential(decoder, z, chosen, path_why)
+        if seq is not None:
+            return Plan("fused_sequential", "torch", chosen, k, measure,
+                        {"path": f"fused_sequential: {path_why}",
+                         "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
+                         "estimator": est_why, "precision": prec_why}, precision, seq)
         on_cuda, reduce_why = cuda_reductions(z.device)
         reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
-        precision, prec_why = _generic_precision(z, autocast)
         return Plan(
             "generic", "torch", chosen, k, measure,
             {"path": f"generic: {path_why}",

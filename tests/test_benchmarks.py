@@ -93,3 +93,23 @@ def test_flops_and_quality() -> None:
     assert q[0]["rel_std_loss"] == 0.0 and q[1]["rel_std_loss"] > 0.0
     inputs = make_inputs(TINY)
     assert inputs.z.shape == (6, 2) and inputs.probes.shape[:2] == (6, 4)
+
+
+@pytest.mark.slow
+def test_conv_and_attention_cases() -> None:
+    """The decoder cases build and agree: the stream path equals today's generic path (exact) and
+    the generic Hutchinson path equals the official recipe on the same probes."""
+    from benchmarks.cases import ATTENTION, CONV
+
+    env = report.environment(CPU)
+    conv = Case("tiny-deconv28", "conv", batch=2, m=2, kind="deconv28", providers=CONV)
+    recs = measure_case(conv, list(CONV), CPU, env, reps=1, budget_s=None, memory=False)
+    by = {r["provider"]: r for r in recs if r["phase"] == "fwd_bwd"}
+    assert by["isofast-seq-exact"]["status"] == "ok" and by["seq-forward-K2"]["status"] == "ok"
+    assert by["isofast-seq-exact"]["value"] == pytest.approx(by["generic-exact"]["value"], rel=1e-5)
+    assert by["generic-hutch-K1"]["value"] == pytest.approx(by["official"]["value"], rel=1e-5)
+    assert all(r["flops"] is None for r in recs)
+    attention = Case("tiny-attention", "attention", batch=2, m=256, kind="attention", providers=ATTENTION)
+    recs += measure_case(attention, ["official", "official-math-sdpa"], CPU, env, reps=1, budget_s=None, memory=False)
+    table = report.decoder_table(recs)
+    assert "| tiny-deconv28 | isofast-seq-exact |" in table and "| tiny-attention | official-math-sdpa |" in table

@@ -47,6 +47,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eta", type=_eta, default=0.2, help="mixup extrapolation of the regulariser's codes; 'none' disables mixup")
     parser.add_argument("--estimator", default="auto", help="isofast estimator: auto, exact, hutchinson")
     parser.add_argument("--n-probes", type=int, default=1, help="Hutchinson probes per sample")
+    parser.add_argument("--reg-every", type=int, default=1,
+                        help="lazy regularisation: apply the regulariser every k-th step, scaled by k (default 1)")
+    parser.add_argument("--reg-subsample", type=float, default=1.0,
+                        help="regularise a random fraction of each batch, in (0, 1] (default 1)")
     parser.add_argument("--decoder", default="mlp", choices=DECODERS)
     parser.add_argument("--hidden", default=",".join(map(str, OFFICIAL_HIDDEN)), help="hidden widths of encoder and decoder MLPs")
     parser.add_argument("--n-samples", type=int, default=3000, help="points of a synthetic manifold")
@@ -80,7 +84,8 @@ def config_kwargs(args: argparse.Namespace) -> dict[str, object]:
         "dataset": args.dataset, "digits": args.digits, "data_dir": args.data_dir,
         "latent_dim": args.latent_dim, "epochs": args.epochs, "measure": args.measure, "seed": args.seed,
         "batch_size": args.batch_size, "lr": args.lr, "init_sigma": args.init_sigma, "eta": args.eta, "estimator": args.estimator,
-        "n_probes": args.n_probes, "decoder": args.decoder,
+        "n_probes": args.n_probes, "reg_every": args.reg_every, "reg_subsample": args.reg_subsample,
+        "decoder": args.decoder,
         "hidden": parse_hidden(args.hidden), "n_samples": args.n_samples,
         "device": args.device, "progress": args.progress, "checkpoint_every": args.checkpoint_every,
         "select_every": args.select_every, "iso_weighting": args.iso_weighting,

@@ -107,6 +107,8 @@ class TrainConfig:
     eta: float | None = 0.2
     estimator: str = "auto"
     n_probes: int = 1
+    reg_every: int = 1
+    reg_subsample: float = 1.0
     decoder: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: list(OFFICIAL_HIDDEN))
     n_samples: int = 3000
@@ -164,6 +166,10 @@ def _validate(c: TrainConfig) -> None:
                                  ("--n-samples", c.n_samples, 7)):
         _check(isinstance(value, int) and not isinstance(value, bool) and value >= least, option,
                f"an integer >= {least}", value)
+    _check(isinstance(c.reg_every, int) and not isinstance(c.reg_every, bool) and c.reg_every >= 1, "--reg-every",
+           "an integer >= 1", c.reg_every)
+    _check(isinstance(c.reg_subsample, (int, float)) and 0 < c.reg_subsample <= 1, "--reg-subsample",
+           "a fraction in (0, 1]", c.reg_subsample)
     _check(all(isinstance(h, int) and h >= 1 for h in c.hidden), "--hidden",
            "comma-separated widths >= 1 (e.g. 256,256)", ",".join(map(str, c.hidden)))
     for option, value, low in (("--lr", c.lr, "> 0"), ("--init-sigma", c.init_sigma, "> 0"),
@@ -393,6 +399,7 @@ def make_model(config: TrainConfig, data: DataBundle) -> IsoAutoencoder:
         image_shape=data.image_shape, iso_weight=float(config.iso_weight or 0.0), measure=config.measure,
         eta=config.eta, estimator=config.estimator, n_probes=config.n_probes,
         init_sigma=float(config.init_sigma or 1.0), iso_weighting=config.iso_weighting,
+        reg_every=config.reg_every, reg_subsample=config.reg_subsample,
     )
 
 

@@ -10,7 +10,8 @@
 
 The decoder is always a function ``(B, m) -> (B, D)`` with flattened outputs. The MLP decoder is a
 plain ``nn.Sequential`` of ``nn.Linear`` and activations so that isofast recognises it and takes its
-fused path; ``--decoder conv`` gives a transposed-conv decoder that exercises the generic path.
+fused path; ``--decoder conv`` gives a transposed-conv decoder that isofast carries on its
+fused_sequential path (exact estimator) or its generic path (Hutchinson).
 Note: the AE loss is a per-pixel mean while the VAE loss is a per-sample sum over D pixels scaled by
 1/sigma^2, so the same ``iso_weight`` means far less for an IRVAE than for an IRAE.
 """
@@ -78,6 +79,11 @@ class ConvDecoder(nn.Module):
         """``z (B, m)`` -> flattened image ``(B, C*H*W)``."""
         return self.net(self.fc(z).view(-1, *self.base)).flatten(1)
 
+    def isofast_sequential(self) -> nn.Sequential:
+        """:meth:`forward` as one ``nn.Sequential`` of the same modules, so isofast carries its
+        tangent streams through these layers (the fused_sequential path)."""
+        return nn.Sequential(self.fc, nn.Unflatten(1, self.base), *self.net, nn.Flatten())
+
 
 class IsoAutoencoder(nn.Module):
     """One of ``ae`` / ``vae`` / ``irae`` / ``irvae`` (see the module docstring).
@@ -101,6 +107,8 @@ class IsoAutoencoder(nn.Module):
         n_probes: int = 1,
         init_sigma: float = 1.0,
         iso_weighting: str = "constant",
+        reg_every: int = 1,
+        reg_subsample: float = 1.0,
     ) -> None:
         super().__init__()
         if kind not in MODELS:
@@ -124,6 +132,10 @@ class IsoAutoencoder(nn.Module):
         self.estimator = estimator
         self.n_probes = n_probes
         self.sync = False
+        # Lazy (every k-th step, scaled by k) and subsampled regularisation; weight 1: iso_weight
+        # is applied below. Its call count is in state_dict, so checkpoints resume the schedule.
+        self.regularizer = isofast.IsometricRegularizer(
+            measure, eta=eta, estimator=estimator, n_probes=None if estimator == "exact" else n_probes, every=reg_every, subsample=reg_subsample)
         if self.variational:
             # Learned isotropic Gaussian decoder noise; log-parameterised so sigma stays positive
             # (the official code learns sigma directly, initialised to 1).
@@ -142,7 +154,8 @@ class IsoAutoencoder(nn.Module):
         """``x (B, D)`` -> ``{"loss", "recon", "kl", "reg"}`` (0-d tensors; ``loss`` is the objective).
 
         ``recon`` is the per-pixel MSE for AEs and the Gaussian NLL per sample for VAEs; ``reg`` is
-        the unweighted distortion (0 for unregularised models).
+        the unweighted distortion (0 for unregularised models; with ``reg_every = k`` it is ``k``
+        times the distortion on every ``k``-th training call and 0 on the others).
         """
         out = self.encoder(x)
         if self.variational:
@@ -165,10 +178,8 @@ class IsoAutoencoder(nn.Module):
             # Computed last on purpose: the autograd engine then runs its backward first, which is
             # what lets the loop time it (see loop.RegTimer).
             zr = z if self.reg_input_hook is None else self.reg_input_hook(z)
-            reg = isofast.distortion(
-                self.decoder, zr, self.measure, eta=self.eta, estimator=self.estimator,
-                n_probes=None if self.estimator == "exact" else self.n_probes, sync=self.sync,
-            )
+            self.regularizer.sync = self.sync
+            reg = self.regularizer(self.decoder, zr)
             if self.reg_output_hook is not None:
                 reg = self.reg_output_hook(reg)
             weight = self.iso_weight
@@ -197,6 +208,8 @@ def build_model(
     n_probes: int = 1,
     init_sigma: float = 1.0,
     iso_weighting: str = "constant",
+    reg_every: int = 1,
+    reg_subsample: float = 1.0,
 ) -> IsoAutoencoder:
     """The official IRVAE architecture for ``kind`` on ``data_dim``-dimensional data.
 
@@ -218,4 +231,5 @@ def build_model(
     return IsoAutoencoder(
         kind, enc, dec, latent_dim, iso_weight=iso_weight, measure=measure, eta=eta,
         estimator=estimator, n_probes=n_probes, init_sigma=init_sigma, iso_weighting=iso_weighting,
+        reg_every=reg_every, reg_subsample=reg_subsample,
     )

@@ -1,0 +1,288 @@
+"""The fused Sequential path: tangent streams carried as extra rows through a decoder's own layers.
+
+A decoder qualifies when it is an ``nn.Sequential`` (nested Sequentials are flattened) of exactly
+these module types, with no hooks: ``Linear``, ``Conv{1,2,3}d`` (zero padding),
+``ConvTranspose{1,2,3}d``, ``Upsample`` (and its ``UpsamplingNearest2d`` / ``UpsamplingBilinear2d``
+forms), ``Flatten`` / ``Unflatten``, the elementwise activations of :mod:`isofast.activations`,
+and ``Identity`` / inactive ``Dropout``. :func:`extract_sequential` says why a decoder does not.
+
+For codes ``z (B, *latent)`` and tangent seeds ``V (B, K, *latent)`` the streams are stacked
+stream-major along the batch, rows ``[0, B)`` the primal and rows ``[B k, B (k + 1))`` the tangent
+of seed ``k`` (``k = 1..K``), so every layer is one call over ``B (1 + K)`` rows:
+
+- an affine layer ``x -> W x + b`` runs over every row without its bias, which is then added to the
+  primal rows only (the tangent of ``W x + b`` is ``W t``);
+- a linear per-sample map (upsampling, reshapes) runs unchanged over every row;
+- an elementwise activation maps the primal ``p`` to ``s(p)`` and gates every tangent ``t`` by
+  ``s'(p)``.
+
+The streams leave the last layer as the output ``f(z)`` and the tangent images ``J V``. This is a
+first-order autograd graph of plain torch ops: reverse mode through it differentiates anything
+computed from the tangent images (the Gram ``(J V)(J V)^T``, its squared norms) with respect to
+``z`` and the parameters, with no double backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from isofast.activations import Activation, from_module
+from isofast.backends.base import acc_dtype
+from isofast.ops.tangent_gram import tangent_gram
+
+#: Affine layer types and their bias-free functional form ``(module, x) -> W x``.
+_AFFINE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
+    nn.Linear: lambda mod, x: F.linear(x, mod.weight),
+    **{
+        cls: (lambda fn: lambda mod, x: fn(x, mod.weight, None, mod.stride, mod.padding, mod.dilation, mod.groups))(fn)
+        for cls, fn in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d))
+    },
+    **{
+        cls: (lambda fn: lambda mod, x: fn(
+            x, mod.weight, None, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation))(fn)
+        for cls, fn in ((nn.ConvTranspose1d, F.conv_transpose1d), (nn.ConvTranspose2d, F.conv_transpose2d),
+                        (nn.ConvTranspose3d, F.conv_transpose3d))
+    },
+}
+_CHANNELS_LAST = (nn.Conv2d, nn.ConvTranspose2d)
+#: Linear per-sample maps run unchanged over all rows (every interpolation mode is linear in its input).
+_LINEAR_MAPS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Flatten, nn.Unflatten)
+_INTERPOLATION = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+SUPPORTED = ("Linear, Conv{1,2,3}d, ConvTranspose{1,2,3}d, Upsample, Flatten, Unflatten, "
+             "an elementwise activation, Identity or inactive Dropout")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer of the stream forward: ``kind`` is ``"affine"``, ``"map"`` or ``"act"``."""
+
+    kind: str
+    module: nn.Module
+    act: Activation | None = None
+
+
+@dataclass(frozen=True)
+class SequentialSpec:
+    """The layers of a decoder the stream path carries, in order (inactive modules dropped)."""
+
+    steps: tuple[Step, ...]
+
+    def params(self) -> list[Tensor]:
+        return [p for s in self.steps for p in s.module.parameters()]
+
+
+def _flatten(seq: nn.Sequential) -> list[nn.Module]:
+    # Exact type only: a Sequential subclass may override forward.
+    out: list[nn.Module] = []
+    for mod in seq:
+        out += _flatten(mod) if type(mod) is nn.Sequential else [mod]
+    return out
+
+
+def _has_hooks(mod: nn.Module) -> bool:
+    return any(getattr(mod, h, None) for h in _HOOKS)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return any(getattr(m, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _step(mod: nn.Module) -> tuple[Step | None, str]:
+    """The step for one module, or ``None`` and why it cannot be carried (``""``: skip it)."""
+    cls = type(mod)
+    if cls in _AFFINE:
+        if getattr(mod, "padding_mode", "zeros") != "zeros":
+            return None, f"uses padding_mode={mod.padding_mode!r}; the stream path carries zero padding only"
+        return Step("affine", mod), ""
+    if cls in _LINEAR_MAPS:
+        if isinstance(mod, nn.Upsample) and mod.mode not in _INTERPOLATION:
+            return None, f"interpolates with mode={mod.mode!r}; carried modes are {', '.join(_INTERPOLATION)}"
+        if isinstance(mod, nn.Flatten) and mod.start_dim == 0:
+            return None, "flattens the batch dimension (start_dim=0)"
+        if isinstance(mod, nn.Unflatten) and mod.dim == 0:
+            return None, "unflattens the batch dimension (dim=0)"
+        return Step("map", mod), ""
+    if cls is nn.Dropout:
+        if mod.training and mod.p > 0:
+            return None, "is Dropout in training mode (a random mask per call)"
+        return None, ""
+    act = from_module(mod)
+    if act is not None and cls.__module__.startswith("torch.nn"):
+        return (None, "") if act.kind == "identity" else (Step("act", mod, act), "")
+    return None, f"is not one of {SUPPORTED} (exact types)"
+
+
+def extract_sequential(decoder: object) -> tuple[SequentialSpec | None, str]:
+    """``(spec, reason)``: the decoder's layers if the stream path can carry it, else ``None``
+    and why not. A wrapper may opt in with ``isofast_sequential(self) -> nn.Sequential`` as for
+    :func:`isofast.mlp.extract_mlp`."""
+    hook = getattr(decoder, "isofast_sequential", None)
+    seq = hook() if callable(hook) else decoder
+    name = type(decoder).__name__
+    if type(seq) is not nn.Sequential:
+        return None, f"decoder is a {name}, not an nn.Sequential (nor does it define isofast_sequential())"
+    if _global_hooks():
+        return None, "global module hooks are registered (the stream path does not call module forwards)"
+    if _has_hooks(seq):
+        return None, "the Sequential has hooks (the stream path does not call module forwards)"
+    steps: list[Step] = []
+    for i, mod in enumerate(_flatten(seq)):
+        where = f"module {i} ({type(mod).__name__})"
+        if _has_hooks(mod):
+            return None, f"{where} has hooks (the stream path does not call module forwards)"
+        step, why = _step(mod)
+        if why:
+            return None, f"{where} {why}"
+        if step is not None:
+            steps.append(step)
+    n_affine = sum(s.kind == "affine" for s in steps)
+    if n_affine == 0:
+        return None, "decoder has no Linear or convolution layer"
+    kinds = sorted({type(s.module).__name__ for s in steps if s.kind != "act"})
+    return SequentialSpec(tuple(steps)), (
+        f"{name} is an nn.Sequential of {len(steps)} stream-carried layers ({', '.join(kinds)} and activations)")
+
+
+def _mul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``out = a * b`` in place. torch.compile refuses ``out=`` on non-contiguous (channels-last)
+    views, and fuses the copy of the product into ``out`` anyway, so it gets the copy."""
+    if torch.compiler.is_compiling():
+        out.copy_(a * b)
+    else:
+        torch.mul(a, b, out=out)
+
+
+class _Gate(torch.autograd.Function):
+    """``rows ((1 + K) B, ...) -> ((1 + K) B, ...)``: ``p = rows[:B] + b``, primal rows ``s(p)``,
+    tangent rows ``s'(p) t``, written into one buffer (no concatenation, so the next layer call
+    takes it as is). Backward: ``t_bar = s'(p) out_bar_t``,
+    ``p_bar = s'(p) out_bar_p + s''(p) sum_k t_k out_bar_k`` and ``b_bar = p_bar`` summed to the
+    bias's shape."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, bias: Tensor | None, act: Activation, bsz: int) -> Tensor:  # type: ignore[override]
+        p = rows[:bsz] if bias is None else rows[:bsz] + bias
+        value, slope = act.derivatives(p, order=1)
+        out = torch.empty_like(rows)
+        out[:bsz] = value
+        _mul_into(slope, rows[bsz:].unflatten(0, (-1, bsz)), out[bsz:].unflatten(0, (-1, bsz)))
+        # s'' = 0 (ReLU-like): the backward needs only s'(p), not the tangent rows.
+        ctx.save_for_backward(p, rows if act.has_second_derivative else None)
+        ctx.act, ctx.bsz, ctx.bias_shape = act, bsz, None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        p, rows = ctx.saved_tensors
+        bsz, act = ctx.bsz, ctx.act
+        _, slope, curve = act.derivatives(p, order=2)
+        grad_t = grad[bsz:].unflatten(0, (-1, bsz))
+        grad_rows = torch.empty_like(grad)
+        _mul_into(slope, grad_t, grad_rows[bsz:].unflatten(0, (-1, bsz)))
+        grad_p = slope * grad[:bsz]
+        if rows is not None:
+            grad_p += curve * (rows[bsz:].unflatten(0, (-1, bsz)) * grad_t).sum(0)
+        grad_rows[:bsz] = grad_p
+        grad_bias = None if ctx.bias_shape is None else grad_p.sum_to_size(ctx.bias_shape)
+        return grad_rows, grad_bias, None, None
+
+
+def _add_primal(rows: Tensor, bias: Tensor, bsz: int) -> Tensor:
+    """``rows`` with ``bias`` added to the primal rows ``[0, B)`` only (a bias no activation follows)."""
+    shift = torch.zeros((rows.shape[0] // bsz, 1, *bias.shape), dtype=rows.dtype, device=rows.device)
+    shift[0, 0] = bias
+    return (rows.unflatten(0, (-1, bsz)) + shift).flatten(0, 1)
+
+
+def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f(z) (B, D), J V (B, K, D))`` for codes ``z (B, *latent)`` and seeds ``V (B, K, *latent)``.
+
+    Outputs are flattened per sample; ``J V`` is a stream-major view (``(K, B, D)`` transposed).
+    Differentiable in ``z``, ``vectors`` and the parameters by ordinary reverse mode.
+    """
+    bsz, k = vectors.shape[:2]
+    rows = torch.cat([z.unsqueeze(0), vectors.transpose(0, 1)]).flatten(0, 1)
+    bias: Tensor | None = None  # the last affine layer's bias, until an activation or a map takes it
+    for step in spec.steps:
+        if step.kind == "act":
+            rows, bias = _Gate.apply(rows, bias, step.act, bsz), None
+            continue
+        if bias is not None:
+            rows, bias = _add_primal(rows, bias, bsz), None
+        if step.kind == "map":
+            rows = step.module(rows)
+        else:
+            mod = step.module
+            if type(mod) in _CHANNELS_LAST and rows.device.type == "cpu":
+                # oneDNN computes 2-d convolutions channels-last and copies a contiguous input's
+                # result back (a full extra pass per layer): keep the rows channels-last instead.
+                rows = rows.contiguous(memory_format=torch.channels_last)
+            rows = _AFFINE[type(mod)](mod, rows)
+            if mod.bias is not None:
+                # Linear biases broadcast over the last dim, convolution biases over channels (dim 1).
+                bias = mod.bias if type(mod) is nn.Linear else mod.bias.view(-1, *[1] * (rows.dim() - 2))
+        if rows.shape[0] != bsz * (1 + k):
+            raise ValueError(f"{type(step.module).__name__} changed the number of rows: the stream path needs per-sample layers")
+    if bias is not None:
+        rows = _add_primal(rows, bias, bsz)
+    primal, tangents = rows.flatten(1).split([bsz, k * bsz])
+    return primal, tangents.unflatten(0, (k, bsz)).transpose(0, 1)
+
+
+def sequential_pullback(spec: SequentialSpec, z: Tensor) -> Tensor:
+    """Exact ``H = J^T J (B, m, m)`` at ``z (B, *latent)``, ``m = prod(latent)``: one stream
+    forward with the latent basis as seeds, then the Gram of the tangent images (fp32 or wider)."""
+    bsz = z.shape[0]
+    m = z[0].numel()
+    basis = torch.eye(m, dtype=z.dtype, device=z.device).reshape(m, *z.shape[1:]).expand(bsz, m, *z.shape[1:])
+    _, jv = tangent_images(spec, z, basis)
+    return tangent_gram(jv.to(acc_dtype(jv.dtype)))
+
+
+#: Estimators the stream path computes: the exact metric needs only the tangent images.
+ESTIMATORS = ("exact",)
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
+              nn.ConvTranspose3d: 3}
+
+
+def _check_inputs(spec: SequentialSpec, z: Tensor) -> None:
+    params = spec.params()
+    if params and params[0].dtype != z.dtype:
+        raise TypeError(f"z must have the decoder's dtype {params[0].dtype}, got {z.dtype}")
+    if params and params[0].device != z.device:
+        raise ValueError(f"z must be on the decoder's device {params[0].device}, got {z.device}")
+    first = spec.steps[0].module
+    if type(first) is nn.Linear and z.shape[-1] != first.in_features:
+        raise ValueError(f"z has last dimension {z.shape[-1]} but the decoder's first nn.Linear expects {first.in_features}")
+    if type(first) in _CONV_DIMS:
+        n = _CONV_DIMS[type(first)]
+        if z.dim() != n + 2 or z.shape[1] != first.in_channels:
+            raise ValueError(f"z must have shape (B, {first.in_channels}, <{n} spatial dims>) for the decoder's "
+                             f"first {type(first).__name__}, got {tuple(z.shape)}")
+
+
+def plan_sequential(decoder: object, z: Tensor, estimator: str, mlp_why: str) -> tuple[SequentialSpec | None, str]:
+    """The planner's question: does this call take the stream path? ``(spec, reason)``, or
+    ``(None, why not)`` where ``mlp_why`` is why the fused MLP path did not take it."""
+    spec, why = extract_sequential(decoder)
+    if spec is None:
+        sequential = isinstance(decoder, nn.Sequential) or callable(getattr(decoder, "isofast_sequential", None))
+        return None, f"{mlp_why}; stream path: {why}" if sequential else mlp_why
+    if estimator not in ESTIMATORS:
+        return None, (f"{why}, but estimator {estimator!r} needs a VJP through the decoder, which the "
+                      f"stream path does not compute ({'/'.join(ESTIMATORS)} only)")
+    _check_inputs(spec, z)
+    return spec, why
