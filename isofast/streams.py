@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from isofast.activations import Activation, from_module
 from isofast.backends.base import acc_dtype
 from isofast.ops.tangent_gram import tangent_gram
+from isofast.plain import plain_leaves, where
 
 #: Affine layer types and their bias-free functional form ``(module, x) -> W x``.
 _AFFINE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
@@ -55,7 +56,6 @@ _CHANNELS_LAST = (nn.Conv2d, nn.ConvTranspose2d)
 #: Linear per-sample maps run unchanged over all rows (every interpolation mode is linear in its input).
 _LINEAR_MAPS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Flatten, nn.Unflatten)
 _INTERPOLATION = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 SUPPORTED = ("Linear, Conv{1,2,3}d, ConvTranspose{1,2,3}d, Upsample, Flatten, Unflatten, "
              "an elementwise activation, Identity or inactive Dropout")
 
@@ -77,25 +77,6 @@ class SequentialSpec:
 
     def params(self) -> list[Tensor]:
         return [p for s in self.steps for p in s.module.parameters()]
-
-
-def _flatten(seq: nn.Sequential) -> list[nn.Module]:
-    # Exact type only: a Sequential subclass may override forward.
-    out: list[nn.Module] = []
-    for mod in seq:
-        out += _flatten(mod) if type(mod) is nn.Sequential else [mod]
-    return out
-
-
-def _has_hooks(mod: nn.Module) -> bool:
-    return any(getattr(mod, h, None) for h in _HOOKS)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as m
-
-    return any(getattr(m, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _step(mod: nn.Module) -> tuple[Step | None, str]:
@@ -127,23 +108,16 @@ def extract_sequential(decoder: object) -> tuple[SequentialSpec | None, str]:
     """``(spec, reason)``: the decoder's layers if the stream path can carry it, else ``None``
     and why not. A wrapper may opt in with ``isofast_sequential(self) -> nn.Sequential`` as for
     :func:`isofast.mlp.extract_mlp`."""
-    hook = getattr(decoder, "isofast_sequential", None)
-    seq = hook() if callable(hook) else decoder
     name = type(decoder).__name__
-    if type(seq) is not nn.Sequential:
-        return None, f"decoder is a {name}, not an nn.Sequential (nor does it define isofast_sequential())"
-    if _global_hooks():
-        return None, "global module hooks are registered (the stream path does not call module forwards)"
-    if _has_hooks(seq):
-        return None, "the Sequential has hooks (the stream path does not call module forwards)"
+    modules, why = plain_leaves(decoder, "carried")
+    if modules is None:
+        return None, why
     steps: list[Step] = []
-    for i, mod in enumerate(_flatten(seq)):
-        where = f"module {i} ({type(mod).__name__})"
-        if _has_hooks(mod):
-            return None, f"{where} has hooks (the stream path does not call module forwards)"
+    for path, mod in modules:
+        where_ = where(path, mod)
         step, why = _step(mod)
         if why:
-            return None, f"{where} {why}"
+            return None, f"{where_} {why}"
         if step is not None:
             steps.append(step)
     n_affine = sum(s.kind == "affine" for s in steps)

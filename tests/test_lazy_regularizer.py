@@ -104,7 +104,7 @@ def test_isofast_train_options(tmp_path) -> None:  # type: ignore[no-untyped-def
 
         config = json.load(open(tmp_path / "run" / "config.json"))
         assert config["reg_every"] == 4 and config["reg_subsample"] == 0.5
-        with pytest.raises(ValueError, match="--reg-every must be >= 1"):
+        with pytest.raises(ValueError, match="--reg-every must be an integer >= 1, got 0"):
             train(TrainConfig(out=str(tmp_path / "x"), digits="0", hidden=[8], epochs=1, reg_every=0, progress=False))
     finally:
         torch.set_num_threads(before)

@@ -136,8 +136,8 @@ class _MySequential(nn.Sequential):
 
 REFUSED: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "subclass of Sequential": (lambda: _MySequential(nn.Linear(M, 4), nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 2)),
-                               "not an nn.Sequential"),
-    "forward hook": (_hooked, "module 2 (Conv2d) has hooks"),
+                               "a subclass of nn.Sequential"),
+    "forward hook": (_hooked, "module 2 (Conv2d) has a module forward hook"),
     "subclass of Conv2d": (lambda: _seq(nn.Linear(M, 16), nn.Unflatten(1, (1, 4, 4)), _MyConv(1, 1, 2)),
                            "module 2 (_MyConv) is not one of"),
     "reflect padding": (lambda: _seq(nn.Linear(M, 16), nn.Unflatten(1, (1, 4, 4)),
