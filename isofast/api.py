@@ -4,39 +4,53 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 from isofast._checks import ESTIMATORS, check_choice, check_eta
-from isofast.generic import generic_hutchinson, generic_pullback
+from isofast.generic import Scaled, forward_traces, generic_metric, hutchinson_traces, unscale
 from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
+from isofast.train_mode import frozen_running_stats
 
 Decoder = Callable[[Tensor], Tensor]
 
+#: Measures unchanged when H is multiplied by a constant: the generic path hands them its
+#: scale-normalised statistics as they are.
+SCALE_INVARIANT = ("scaled_isometry", "conformal", "volume")
 
-def _metric(p: Plan, decoder: Decoder, z: Tensor) -> Tensor:
-    if p.path == "fused_mlp":
-        return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
-    return generic_pullback(decoder, z)
+_GENERIC = {"exact": generic_metric, "forward": forward_traces, "hutchinson": hutchinson_traces}
 
 
-def _stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
-    if p.path == "fused_mlp":
-        return mlp_hutchinson(p.backend_impl, p.spec, z, probes)  # type: ignore[arg-type]
-    return generic_hutchinson(decoder, z, probes)
+def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group: object | None) -> Scaled:
+    """The generic path's statistics. Under ``torch.inference_mode`` (where forward mode is off)
+    they are computed outside it on copies of the inputs."""
+    args = (z,) if probes is None else (z, probes)
+    with contextlib.ExitStack() as stack:
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.no_grad())
+            args = tuple(a.clone() for a in args)
+        stack.enter_context(frozen_running_stats(decoder))
+        return _GENERIC[p.estimator](decoder, *args, group=group)
 
 
 def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
-    """Exact pullback metric ``H_b = J(z_b)^T J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, m)``.
+    """Exact pullback metric ``H_b = J(z_b)^T J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, *latent_shape)``
+    with ``m = prod(latent_shape)``.
 
-    ``decoder`` maps ``(B, m)`` to ``(B, ...)``; outputs are flattened per sample. Differentiable
-    in ``z`` and the decoder's parameters.
+    ``decoder`` maps ``(B, *latent_shape)`` to ``(B, ...)``; codes and outputs are flattened per
+    sample. Differentiable in ``z`` and the decoder's parameters.
     """
     p = plan(decoder, z, measure=None, eta=None)
-    return _metric(p, decoder, z)
+    if p.path == "fused_mlp":
+        return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
+    sc = _generic(p, decoder, z, None, None)
+    return unscale(sc.metric, sc.scale2, 1, "the pullback metric")  # type: ignore[arg-type]
 
 
 def distortion(
@@ -76,12 +90,22 @@ def distortion(
              generator=generator, sync=sync)
     z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
     mean = BatchMean(sync)
+    if p.estimator != "exact" and probes is None:
+        probes = torch.randn(z.shape[0], p.n_probes, *z.shape[1:], generator=generator, device=z.device, dtype=z.dtype)
+    if p.path == "fused_mlp":
+        if p.estimator == "exact":
+            return from_metric(measure, mlp_pullback(p.backend_impl, p.spec, z_aug), mean)  # type: ignore[arg-type]
+        stats = mlp_hutchinson(p.backend_impl, p.spec, z_aug, probes).mean(1)  # type: ignore[arg-type]
+        return from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean)
+    sc = _generic(p, decoder, z_aug, probes, mean.group)
+    invariant = measure in SCALE_INVARIANT
     if p.estimator == "exact":
-        return from_metric(measure, _metric(p, decoder, z_aug), mean)
-    if probes is None:
-        probes = torch.randn(z.shape[0], p.n_probes, z.shape[1], generator=generator, device=z.device, dtype=z.dtype)
-    stats = _stats(p, decoder, z_aug, probes).mean(1)
-    return from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean)
+        metric = sc.metric if invariant else unscale(sc.metric, sc.scale2, 1, f"the {measure} measure's H")
+        return from_metric(measure, metric, mean)  # type: ignore[arg-type]
+    tr, tr2 = sc.tr, sc.tr2
+    if not invariant:
+        tr, tr2 = unscale(tr, sc.scale2, 1, f"the {measure} measure's Tr H"), unscale(tr2, sc.scale2, 2, f"the {measure} measure's Tr H^2")
+    return from_traces(measure, tr, tr2, z[0].numel(), mean)  # type: ignore[arg-type]
 
 
 def relaxed_distortion(
