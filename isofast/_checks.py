@@ -60,7 +60,8 @@ def check_probes(probes: object, z: Tensor) -> None:
     bsz, latent = z.shape[0], tuple(z.shape[1:])
     if probes.dim() != z.dim() + 1 or probes.shape[0] != bsz or tuple(probes.shape[2:]) != latent or probes.shape[1] == 0:
         want = ", ".join(map(str, (bsz, "K >= 1") + latent))
-        raise ValueError(f"probes must have shape (B, K, *latent_shape) = ({want}), got {tuple(probes.shape)}")
+        form = "(B, K, m)" if z.dim() == 2 else "(B, K, *latent_shape)"
+        raise ValueError(f"probes must have shape {form} = ({want}), got {tuple(probes.shape)}")
     if probes.dtype != z.dtype or probes.device != z.device:
         raise TypeError(
             f"probes must match z's dtype and device ({z.dtype}, {z.device}), got ({probes.dtype}, {probes.device})"

@@ -83,9 +83,7 @@ def _estimator(estimator: str, measure: str | None, m: int, probes: Tensor | Non
         if estimator == "exact":
             raise ValueError("probes are only used by estimator='forward', 'hutchinson' (or 'auto'), got estimator='exact'")
         if estimator == "auto":
-            if fused or probes.shape[1] < 2:
-                return "hutchinson", "probes were given" + ("" if fused else " (K = 1: the forward estimator needs K >= 2)")
-            return "forward", "probes were given; the generic path's first-order estimator takes them"
+            return "hutchinson", "probes were given (estimator='forward' takes them too)"
     if estimator == "auto":
         if measure in EXACT_ONLY:
             chosen, why = "exact", f"measure {measure!r} needs the exact metric"
