@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
 
@@ -30,12 +28,14 @@ def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group:
     """The generic path's statistics. Under ``torch.inference_mode`` (where forward mode is off)
     they are computed outside it on copies of the inputs."""
     args = (z,) if probes is None else (z, probes)
-    with contextlib.ExitStack() as stack:
-        if torch.is_inference_mode_enabled():
-            stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(torch.no_grad())
-            args = tuple(a.clone() for a in args)
-        stack.enter_context(frozen_running_stats(decoder))
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            return _generic_stats(p, decoder, tuple(a.clone() for a in args), group)
+    return _generic_stats(p, decoder, args, group)
+
+
+def _generic_stats(p: Plan, decoder: Decoder, args: tuple[Tensor, ...], group: object | None) -> Scaled:
+    with frozen_running_stats(decoder):
         return _GENERIC[p.estimator](decoder, *args, group=group)
 
 
