@@ -46,6 +46,8 @@ def tangent_images(decoder: Decoder, z: Tensor, vectors: Tensor) -> tuple[Tensor
     working forward-mode rules.
     """
     run = _checked(decoder, z.shape[0], z.dtype)
+    # Dual tensors are written in place by forward mode: inputs must not alias (expanded codes, bases).
+    z, vectors = z.contiguous(), vectors.contiguous()
 
     def one(v: Tensor) -> tuple[Tensor, Tensor]:
         return torch.func.jvp(run, (z,), (v,))
