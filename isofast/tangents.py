@@ -53,5 +53,6 @@ def tangent_images(decoder: Decoder, z: Tensor, vectors: Tensor) -> tuple[Tensor
         return torch.func.jvp(run, (z,), (v,))
 
     with ForwardADFixes():
-        primal, jv = torch.func.vmap(one, in_dims=1, out_dims=(None, 1), randomness="same")(vectors)
-    return primal, jv
+        # out_dims=0: vmap expands a tangent that does not depend on v (a decoder ignoring z) correctly
+        primal, jv = torch.func.vmap(one, in_dims=1, out_dims=(None, 0), randomness="same")(vectors)
+    return primal, jv.transpose(0, 1)
