@@ -25,10 +25,14 @@ from isofast.ops.tangent_gram import cuda_reductions
 #: ``estimator="exact"`` to buy zero variance at larger m.
 EXACT_MAX_LATENT = 2
 
-#: The generic path's ``auto``: exact up to this latent size, the first-order ``forward`` estimator
-#: with :data:`FORWARD_PROBES` probes above it (benchmarks/results/estimator_choice.md).
-GENERIC_EXACT_MAX_LATENT = 4
-FORWARD_PROBES = 4
+#: The generic path's ``auto``: the first-order ``forward`` estimator with :data:`FORWARD_PROBES`
+#: probes (of K = 2..16 it leaves the least parameter-gradient variance per unit time on the MLP,
+#: conv and attention decoders of benchmarks/results/estimator_choice.md), and the exact metric
+#: wherever its m streams are no more than those K (at m = 16 both cost the same there). The VJP
+#: (Hutchinson) estimator leaves less gradient variance per unit time on conv decoders but needs a
+#: double backward, so ``auto`` never takes it.
+FORWARD_PROBES = 16
+GENERIC_EXACT_MAX_LATENT = FORWARD_PROBES
 
 #: The largest exact pullback metric the generic path builds: ``B m^2`` entries.
 MAX_METRIC_ENTRIES = 2**28
@@ -95,8 +99,8 @@ def _estimator(estimator: str, measure: str | None, m: int, probes: Tensor | Non
             chosen, why = "exact", (f"auto (generic): m = {m} <= {GENERIC_EXACT_MAX_LATENT}, the exact metric's {m} tangent "
                                     f"streams cost no more than the forward estimator's {FORWARD_PROBES} and have no variance")
         else:
-            chosen, why = "forward", (f"auto (generic): m = {m} > {GENERIC_EXACT_MAX_LATENT}, the first-order estimator has the "
-                                      f"least loss and gradient variance per unit time (benchmarks/results/estimator_choice.md)")
+            chosen, why = "forward", (f"auto (generic): m = {m} > {GENERIC_EXACT_MAX_LATENT}, the first-order estimator with "
+                                      f"{FORWARD_PROBES} probes (no double backward; isofast.planning.FORWARD_PROBES)")
     else:
         chosen, why = estimator, "requested"
     if chosen in ("hutchinson", "forward") and measure in EXACT_ONLY:

@@ -84,10 +84,11 @@ def test_forward_needs_two_probes_and_not_det():
 
 
 def test_auto_on_the_generic_path_and_forward_on_an_mlp():
-    small, large = ConvDecoder(3), ConvDecoder(16)
-    p = isofast.plan(small, torch.randn(4, 3, dtype=torch.float64))
+    edge = isofast.planning.GENERIC_EXACT_MAX_LATENT
+    small, large = ConvDecoder(edge), ConvDecoder(edge + 1)
+    p = isofast.plan(small, torch.randn(4, edge, dtype=torch.float64))
     assert p.estimator == "exact"
-    p = isofast.plan(large, torch.randn(4, 16, dtype=torch.float64))
+    p = isofast.plan(large, torch.randn(4, edge + 1, dtype=torch.float64))
     assert (p.estimator, p.n_probes) == ("forward", isofast.planning.FORWARD_PROBES)
     mlp = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
     p = isofast.plan(mlp, torch.randn(4, 3, dtype=torch.float64), estimator="forward", n_probes=3)
