@@ -6,6 +6,8 @@ During the generic path's tangent pass, :class:`ForwardADFixes` (a ``TorchFuncti
   memory-efficient) that have no forward-mode rule; here it is the attention's definition
   ``softmax(q k^T * scale + mask) v`` in plain differentiable ops, which forward mode, ``vmap`` and
   reverse mode all handle;
+- ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): its explicit-weights branch,
+  which does not call the fused kernels;
 - ``F.group_norm``: PyTorch's forward-mode rule views its input and fails on channels-last strided
   inputs ("view size is not compatible"); here it is the normalisation over ``(N, G, C/G * spatial)``
   written with ``reshape``.

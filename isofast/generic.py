@@ -106,7 +106,11 @@ def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object
         k = probes.shape[1]
         if primal.requires_grad:
             cot = a.transpose(0, 1).to(primal.dtype)  # (K, B, D): J^T a_k is linear in a_k, so J^T (J v / s)
-            (jta,) = torch.autograd.grad(primal, zg, cot, create_graph=True, is_grads_batched=True, allow_unused=True)
+            if k == 1:  # one plain VJP; the batched form vmaps the backward
+                (jta,) = torch.autograd.grad(primal, zg, cot[0], create_graph=True, allow_unused=True)
+                jta = None if jta is None else jta.unsqueeze(0)
+            else:
+                (jta,) = torch.autograd.grad(primal, zg, cot, create_graph=True, is_grads_batched=True, allow_unused=True)
         else:
             jta = None
         jta = torch.zeros(k, *z.shape, dtype=a.dtype, device=z.device) if jta is None else _acc(jta)
