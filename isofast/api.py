@@ -68,19 +68,23 @@ def distortion(
     """A distortion measure of ``decoder`` on mixup-augmented codes; a 0-d tensor.
 
     Args:
-        decoder: maps ``(B, m)`` to ``(B, ...)``. MLPs (``nn.Sequential`` of ``nn.Linear`` and
-            elementwise activations) take the fused path, anything else the generic path.
-        z: codes ``(B, m)``; gradients flow back into them (and so into an encoder).
+        decoder: maps ``(B, *latent_shape)`` to ``(B, ...)``. MLPs (``nn.Sequential`` of ``nn.Linear``
+            and elementwise activations) on codes ``(B, m)`` take the fused path, anything else the
+            generic path.
+        z: codes ``(B, m)`` or ``(B, *latent_shape)``, ``m = prod(latent_shape)``; gradients flow
+            back into them (and so into an encoder).
         measure: ``"scaled_isometry"`` (``mean Tr H^2 / (mean Tr H)^2``, minimum ``1/m``),
             ``"isometry"`` (``mean Tr (H - I)^2``), ``"conformal"`` (``mean Tr H^2 / (Tr H)^2``),
             ``"volume"`` (variance of ``logdet H``, exact only) or ``"jacobian_frobenius"``
             (``mean Tr H``). Means are over the augmented batch.
         eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``; ``None`` uses ``z`` as given.
-        estimator: ``"exact"`` (H from ``m`` tangent streams), ``"hutchinson"`` (``Tr H = E||Jv||^2``,
-            ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``) or ``"auto"`` (exact for
-            ``m <= isofast.planning.EXACT_MAX_LATENT``).
-        n_probes: Hutchinson probes per sample ``K`` (default 1).
-        probes: explicit Gaussian probes ``(B, K, m)`` for Hutchinson, for reproducibility.
+        estimator: ``"exact"`` (H from ``m`` tangent streams), ``"forward"`` (first order, generic
+            path: ``Tr H = mean_k ||J u_k||^2``, ``Tr H^2 = mean_{i<j} (J u_i . J u_j)^2``, ``K >= 2``),
+            ``"hutchinson"`` (``Tr H = E||Jv||^2``, ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``)
+            or ``"auto"`` (fused path: exact for ``m <= isofast.planning.EXACT_MAX_LATENT``, else
+            Hutchinson; generic path: exact for ``m <= GENERIC_EXACT_MAX_LATENT``, else forward).
+        n_probes: probes per sample ``K`` (default 1 for Hutchinson, ``FORWARD_PROBES`` for forward).
+        probes: explicit Gaussian probes ``(B, K, *latent_shape)``, for reproducibility.
         generator: drives the mixup and probe draws, on ``z``'s device.
         sync: ``True`` or a process group to average over the global batch of all ranks.
 
