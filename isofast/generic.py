@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from isofast._checks import _can_read_values
 from isofast.backends.base import acc_dtype
 from isofast.ops.tangent_gram import tangent_gram, tangent_sqnorm
 from isofast.tangents import tangent_images
@@ -124,8 +125,6 @@ def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object
 def unscale(x: Tensor, scale2: Tensor, power: int, what: str) -> Tensor:
     """``x * scale2 ** power``, refused where it is not representable in ``x``'s dtype."""
     out = x * scale2**power
-    from isofast._checks import _can_read_values
-
     if _can_read_values() and not bool(torch.isfinite(out).all()):
         raise OverflowError(
             f"{what} is not representable in {x.dtype}: the decoder's Jacobian scale is about "
