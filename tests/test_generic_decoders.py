@@ -210,3 +210,20 @@ def test_dtype_mismatch_and_oversized_metric_are_refused():
         isofast.relaxed_distortion(lambda z: dec(z.double()), torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"\(2, 49152, 49152\): .* GiB"):
         isofast.pullback_metric(dec, torch.randn(2, 3, 128, 128, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("norm", [
+    lambda: nn.LayerNorm([6, 4, 4]),
+    lambda: nn.InstanceNorm2d(6, affine=True),
+    lambda: nn.BatchNorm2d(6).eval(),
+    lambda: nn.GroupNorm(3, 6),
+], ids=["layernorm", "instancenorm", "batchnorm_eval", "groupnorm"])
+def test_normalisation_layers(norm):
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Unflatten(1, (3, 2, 2)), nn.ConvTranspose2d(3, 6, 4, stride=2, padding=1), norm(),
+                        nn.SiLU(), nn.Conv2d(6, 2, 3, padding=1)).double()
+    if isinstance(dec[2], nn.BatchNorm2d):
+        dec[2].running_mean.uniform_(-1, 1), dec[2].running_var.uniform_(0.5, 2)
+    z = torch.randn(3, 12, dtype=torch.float64)
+    _check_images(dec, z)
+    assert "train_mode" not in isofast.plan(dec, z).reasons
