@@ -78,7 +78,7 @@ setup(
     install_requires=["torch>=2.3", "numpy"],
     extras_require={
         "train": ["matplotlib", "scikit-learn", "tqdm"],
-        "test": ["pytest", "matplotlib", "scikit-learn", "tqdm", "triton; platform_system == 'Linux'"],
+        "test": ["pytest", "matplotlib", "scikit-learn", "tqdm", "triton; platform_system == 'Linux'", "diffusers"],
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["isofast = isofast.cli:main"]},

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
-ESTIMATORS = ("auto", "exact", "hutchinson")
+ESTIMATORS = ("auto", "exact", "forward", "hutchinson")
 
 #: Largest accepted mixup range ``eta``: ``alpha ~ U[-eta, 1 + eta]`` extrapolates codes up to
 #: ``eta`` pair distances past either partner. Beyond a thousand pair distances the codes are far
@@ -26,15 +26,15 @@ def can_read_values() -> bool:
 
 def check_z(z: object) -> None:
     if not isinstance(z, Tensor):
-        raise TypeError(f"z must be a torch.Tensor of shape (B, m), got {type(z).__name__}")
+        raise TypeError(f"z must be a torch.Tensor of shape (B, m) or (B, *latent_shape), got {type(z).__name__}")
     if not z.is_floating_point():
         raise TypeError(f"z must have a floating dtype, got {z.dtype}")
-    if z.dim() != 2:
-        raise ValueError(f"z must have shape (B, m), got {tuple(z.shape)}")
+    if z.dim() < 2:
+        raise ValueError(f"z must have shape (B, m) or (B, *latent_shape), got {tuple(z.shape)}")
     if z.shape[0] == 0:
         raise ValueError("z must hold at least one code, got an empty batch (B = 0)")
-    if z.shape[1] == 0:
-        raise ValueError("z must have a latent width m >= 1, got m = 0")
+    if z[0].numel() == 0:
+        raise ValueError(f"z must have a latent size m >= 1, got latent shape {tuple(z.shape[1:])}")
     if z.device.type == "meta":
         raise ValueError("z must hold values on a real device (cpu, cuda, ...), got a tensor on the meta device")
     if can_read_values() and not bool(torch.isfinite(z).all()):
@@ -69,10 +69,12 @@ def check_choice(name: str, value: object, choices: tuple[str, ...] | list[str])
 
 def check_probes(probes: object, z: Tensor) -> None:
     if not isinstance(probes, Tensor):
-        raise TypeError(f"probes must be a torch.Tensor of shape (B, K, m), got {type(probes).__name__}")
-    bsz, m = z.shape
-    if probes.dim() != 3 or probes.shape[0] != bsz or probes.shape[2] != m or probes.shape[1] == 0:
-        raise ValueError(f"probes must have shape (B, K, m) = ({bsz}, K >= 1, {m}), got {tuple(probes.shape)}")
+        raise TypeError(f"probes must be a torch.Tensor of shape (B, K, *latent_shape), got {type(probes).__name__}")
+    bsz, latent = z.shape[0], tuple(z.shape[1:])
+    if probes.dim() != z.dim() + 1 or probes.shape[0] != bsz or tuple(probes.shape[2:]) != latent or probes.shape[1] == 0:
+        want = ", ".join(map(str, (bsz, "K >= 1") + latent))
+        form = "(B, K, m)" if z.dim() == 2 else "(B, K, *latent_shape)"
+        raise ValueError(f"probes must have shape {form} = ({want}), got {tuple(probes.shape)}")
     if probes.dtype != z.dtype or probes.device != z.device:
         raise TypeError(
             f"probes must match z's dtype and device ({z.dtype}, {z.device}), got ({probes.dtype}, {probes.device})"

@@ -11,59 +11,94 @@ from torch import Tensor, nn
 from isofast import scale
 from isofast._checks import ESTIMATORS, can_read_values, check_choice, check_eta
 from isofast.backends.base import acc_dtype
-from isofast.generic import generic_hutchinson, generic_pullback
+from isofast.generic import Scaled, forward_traces, generic_metric, hutchinson_traces, unscale
 from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
 from isofast.streams import sequential_pullback
+from isofast.train_mode import frozen_running_stats
 
 Decoder = Callable[[Tensor], Tensor]
 
 
-def _metric(p: Plan, decoder: Decoder, z: Tensor) -> Tensor:
+def _metric(p: Plan, z: Tensor) -> Tensor:
+    """Exact ``H (B, m, m)`` on the fused paths."""
     if p.path == "fused_sequential":
         return sequential_pullback(p.spec, z)  # type: ignore[arg-type]
-    if p.path != "fused_mlp":
-        return generic_pullback(decoder, z)
     if p.compute_dtype is None:
         return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
     # Under autocast the op gets its inputs in the planned dtype (and keeps autocast out of its kernels).
     return mlp_pullback(p.backend_impl, p.spec.to(p.compute_dtype), z.to(p.compute_dtype))  # type: ignore[arg-type, union-attr]
 
 
-def _stats(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
-    if p.path != "fused_mlp":
-        return generic_hutchinson(decoder, z, probes)
+def _stats(p: Plan, z: Tensor, probes: Tensor) -> Tensor:
+    """Hutchinson statistics ``(B, K, 2)`` on the fused MLP path."""
     if p.compute_dtype is None:
         return mlp_hutchinson(p.backend_impl, p.spec, z, probes)  # type: ignore[arg-type]
     dt = p.compute_dtype
     return mlp_hutchinson(p.backend_impl, p.spec.to(dt), z.to(dt), probes.to(dt))  # type: ignore[arg-type, union-attr]
 
 
-def _scaled_stats(
-    p: Plan, decoder: Decoder, z: Tensor, probes: Tensor, measure: str, mean: BatchMean
-) -> tuple[Tensor, float | None]:
-    """``(stats (B, K, 2), probe_scale)``: Hutchinson statistics; for a ratio measure whose first
-    statistics are out of range, recomputed with probes scaled by ``probe_scale``
+def _scaled_stats(p: Plan, z: Tensor, probes: Tensor, measure: str, mean: BatchMean) -> tuple[Tensor, float | None]:
+    """``(stats (B, K, 2), probe_scale)``: fused Hutchinson statistics; for a ratio measure whose
+    first statistics are out of range, recomputed with probes scaled by ``probe_scale``
     (:func:`isofast.scale.probe_rescale`; eager mode only), else ``probe_scale`` is ``None``."""
-    stats = _stats(p, decoder, z, probes)
+    stats = _stats(p, z, probes)
     if measure not in scale.SCALE_INVARIANT or not can_read_values():
         return stats, None
     factor = scale.probe_rescale(stats, mean.group)
     if factor is not None:
-        stats = _stats(p, decoder, z, probes * factor)
+        stats = _stats(p, z, probes * factor)
     return stats, factor
 
 
-def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
-    """Exact pullback metric ``H_b = J(z_b)^T J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, m)``.
+_GENERIC = {"exact": generic_metric, "forward": forward_traces, "hutchinson": hutchinson_traces}
 
-    ``decoder`` maps ``(B, m)`` to ``(B, ...)``; outputs are flattened per sample. Differentiable
-    in ``z`` and the decoder's parameters.
+
+def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group: object | None) -> Scaled:
+    """The generic path's scale-normalised statistics. Under ``torch.inference_mode`` (where
+    forward mode is off) they are computed outside it on copies of the inputs."""
+    args = (z,) if probes is None else (z, probes)
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False), torch.no_grad():
+            return _generic_stats(p, decoder, tuple(a.clone() for a in args), group)
+    return _generic_stats(p, decoder, args, group)
+
+
+def _generic_stats(p: Plan, decoder: Decoder, args: tuple[Tensor, ...], group: object | None) -> Scaled:
+    with frozen_running_stats(decoder):
+        return _GENERIC[p.estimator](decoder, *args, group=group)
+
+
+def _generic_distortion(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, measure: str,
+                        mean: BatchMean) -> Tensor:
+    sc = _generic(p, decoder, z, probes, mean.group)
+    # The generic path normalises its tangent images before squaring; measures unchanged when H is
+    # multiplied by a constant take the normalised statistics as they are.
+    invariant = measure in scale.SCALE_INVARIANT or measure == "volume"
+    if p.estimator == "exact":
+        metric = sc.metric if invariant else unscale(sc.metric, sc.scale2, 1, f"the {measure} measure's H")
+        return from_metric(measure, metric, mean)  # type: ignore[arg-type]
+    tr, tr2 = sc.tr, sc.tr2
+    if not invariant:
+        tr, tr2 = (unscale(tr, sc.scale2, 1, f"the {measure} measure's Tr H"),
+                   unscale(tr2, sc.scale2, 2, f"the {measure} measure's Tr H^2"))
+    return from_traces(measure, tr, tr2, z[0].numel(), mean)  # type: ignore[arg-type]
+
+
+def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
+    """Exact pullback metric ``H_b = J(z_b)^T J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, *latent_shape)``
+    with ``m = prod(latent_shape)``.
+
+    ``decoder`` maps ``(B, *latent_shape)`` to ``(B, ...)``; codes and outputs are flattened per
+    sample. Differentiable in ``z`` and the decoder's parameters.
     """
     p = plan(decoder, z, measure=None, eta=None)
-    return _metric(p, decoder, z)
+    if p.path != "generic":
+        return _metric(p, z)
+    sc = _generic(p, decoder, z, None, None)
+    return unscale(sc.metric, sc.scale2, 1, "the pullback metric")  # type: ignore[arg-type]
 
 
 def distortion(
@@ -81,20 +116,24 @@ def distortion(
     """A distortion measure of ``decoder`` on mixup-augmented codes; a 0-d tensor.
 
     Args:
-        decoder: maps ``(B, m)`` to ``(B, ...)``. MLPs (``nn.Sequential`` of ``nn.Linear`` and
-            elementwise activations) take the fused path, anything else the generic path.
-        z: codes ``(B, m)``; gradients flow back into them (and so into an encoder).
+        decoder: maps ``(B, *latent_shape)`` to ``(B, ...)``. MLPs (``nn.Sequential`` of ``nn.Linear``
+            and elementwise activations) on codes ``(B, m)`` take the fused path, anything else the
+            generic path.
+        z: codes ``(B, m)`` or ``(B, *latent_shape)``, ``m = prod(latent_shape)``; gradients flow
+            back into them (and so into an encoder).
         measure: ``"scaled_isometry"`` (``mean Tr H^2 / (mean Tr H)^2``, minimum ``1/m``),
             ``"isometry"`` (``mean Tr (H - I)^2``), ``"conformal"`` (``mean Tr H^2 / (Tr H)^2``),
             ``"volume"`` (variance of ``logdet H``, exact only) or ``"jacobian_frobenius"``
             (``mean Tr H``). Means are over the augmented batch.
         eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``, a real number in
             ``[0, isofast._checks.ETA_MAX]`` (1000); ``None`` uses ``z`` as given.
-        estimator: ``"exact"`` (H from ``m`` tangent streams), ``"hutchinson"`` (``Tr H = E||Jv||^2``,
-            ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``) or ``"auto"`` (exact for
-            ``m <= isofast.planning.EXACT_MAX_LATENT``).
-        n_probes: Hutchinson probes per sample ``K`` (default 1); refused with ``estimator="exact"``.
-        probes: explicit Gaussian probes ``(B, K, m)`` for Hutchinson, for reproducibility.
+        estimator: ``"exact"`` (H from ``m`` tangent streams), ``"forward"`` (first order, generic
+            path: ``Tr H = mean_k ||J u_k||^2``, ``Tr H^2 = mean_{i<j} (J u_i . J u_j)^2``, ``K >= 2``),
+            ``"hutchinson"`` (``Tr H = E||Jv||^2``, ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``)
+            or ``"auto"`` (fused path: exact for ``m <= isofast.planning.EXACT_MAX_LATENT``, else
+            Hutchinson; generic path: exact for ``m <= GENERIC_EXACT_MAX_LATENT``, else forward).
+        n_probes: probes per sample ``K`` (default 1 for Hutchinson, ``FORWARD_PROBES`` for forward); refused with ``estimator="exact"``.
+        probes: explicit Gaussian probes ``(B, K, *latent_shape)``, for reproducibility.
         generator: drives the mixup and probe draws, on ``z``'s device.
         sync: ``True`` or a process group to average over the global batch of all ranks.
 
@@ -104,13 +143,14 @@ def distortion(
              generator=generator, sync=sync)
     z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
     mean = BatchMean(sync)
-    if p.estimator == "exact":
-        value = from_metric(measure, _metric(p, decoder, z_aug), mean)
+    if p.estimator != "exact" and probes is None:
+        probes = torch.randn(z.shape[0], p.n_probes, *z.shape[1:], generator=generator, device=z.device, dtype=z.dtype)
+    if p.path == "generic":
+        value = _generic_distortion(p, decoder, z_aug, probes, measure, mean)
+    elif p.estimator == "exact":
+        value = from_metric(measure, _metric(p, z_aug), mean)
     else:
-        if probes is None:
-            probes = torch.randn(z.shape[0], p.n_probes, z.shape[1], generator=generator, device=z.device,  # type: ignore[arg-type]
-                                 dtype=z.dtype)
-        stats, factor = _scaled_stats(p, decoder, z_aug, probes, measure, mean)
+        stats, factor = _scaled_stats(p, z_aug, probes, measure, mean)  # type: ignore[arg-type]
         stats = stats.mean(1)
         value = from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean, factor)
     if can_read_values():

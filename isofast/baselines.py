@@ -60,3 +60,17 @@ def vmap_exact_relaxed_distortion(decoder: Decoder, z: Tensor) -> Tensor:
     tr = torch.diagonal(h, dim1=1, dim2=2).sum(-1)
     tr2 = (h * h).sum((1, 2))
     return tr2.mean() / tr.mean() ** 2
+
+
+def repeated_codes_hutchinson(decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
+    """isofast 0.1's generic path: each code repeated ``K`` times so one dual-tensor call gives every
+    ``J v_k`` (the primal is computed ``K`` times), then one VJP with ``create_graph=True``."""
+    bsz, k = probes.shape[:2]
+    z_rep = z.unsqueeze(1).expand(bsz, k, *z.shape[1:]).reshape(bsz * k, *z.shape[1:])
+    z_rep = z_rep if z_rep.requires_grad else z_rep.detach().requires_grad_()
+    with fwad.dual_level():
+        primal, jv = fwad.unpack_dual(decoder(fwad.make_dual(z_rep, probes.reshape(z_rep.shape))))
+    (jtjv,) = torch.autograd.grad(primal, z_rep, jv, create_graph=True)
+    tr = jv.reshape(bsz, -1).square().sum(1).mean() / k
+    tr2 = jtjv.reshape(bsz, -1).square().sum(1).mean() / k
+    return tr2 / tr**2

@@ -1,63 +1,134 @@
-"""The generic path: any decoder (conv, custom modules), by forward-mode AD over repeated codes.
+"""The generic path: any decoder (conv, normalisation, attention, custom modules), by forward mode.
 
-Each sample is repeated ``K`` times and carried with tangent ``v_k`` as a dual tensor, so one
-decoder call returns all ``J v_k``; exact mode seeds the latent basis (``K = m``). The result is
-differentiable with respect to ``z`` and the decoder parameters by ordinary reverse mode. The
-decoder must treat samples independently (no batch statistics), as any per-sample Jacobian assumes.
-The Gram and squared-norm reductions are :mod:`isofast.ops.tangent_gram` (CUDA kernels on CUDA
-tensors where the cuda backend is available).
+Codes are ``z (B, *latent_shape)`` with ``m = prod(latent_shape)``; the decoder maps them to
+``(B, *out_shape)``, flattened per sample to ``D`` entries. The tangent images ``J v`` come from
+:func:`isofast.tangents.tangent_images` (primal once per sample, ``K`` tangents batched). Three
+estimators of the per-sample traces ``Tr H_b`` and ``Tr H_b^2`` of ``H = J^T J``:
+
+- ``exact``: ``H = G`` for ``v`` the latent basis (``K = m``);
+- ``forward`` (first order; no VJP): with ``a_k = J u_k``, ``u_k ~ N(0, I)`` independent,
+  ``Tr H = mean_k ||a_k||^2`` and ``Tr H^2 = mean_{i<j} (a_i . a_j)^2`` (needs ``K >= 2``), both
+  unbiased since ``E (u^T H v)^2 = E u^T H v v^T H u = Tr H^2``. Per sample,
+  ``Var = [2 (Tr H^2)^2 + (4K - 2) Tr H^4] / (K (K - 1) / 2)`` for the ``Tr H^2`` estimate
+  (``Var (u^T H v)^2 = 2 (Tr H^2)^2 + 6 Tr H^4``, and pairs sharing one probe covary by
+  ``2 Tr H^4``) and ``2 Tr H^2 / K`` for ``Tr H``;
+- ``hutchinson`` (the official recipe): ``Tr H^2 = mean_k ||J^T a_k||^2`` by one VJP per probe,
+  with ``create_graph=True`` (a double backward when the loss is differentiated).
+
+Scale: the tangent images are divided by a detached batch scale ``s = max |J v|`` (all-reduced
+over ranks when synced) before anything is squared, so Grams and traces are O(1) in fp32 for any
+Jacobian scale; the statistics come back in units of ``s^2`` (``Tr H``) and ``s^4`` (``Tr H^2``),
+which the scale-invariant measures use as they are. All reductions run in fp32 or wider with
+autocast off.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.autograd.forward_ad as fwad
+import torch.distributed as dist
 from torch import Tensor
 
+from isofast._checks import can_read_values
 from isofast.backends.base import acc_dtype
 from isofast.ops.tangent_gram import tangent_gram, tangent_sqnorm
+from isofast.tangents import tangent_images
 
 Decoder = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Scaled:
+    """Per-sample statistics in units of the detached scale: the true value is ``value * scale2 ** power``.
+
+    ``tr (B,)`` and ``tr2 (B,)`` (powers 1 and 2), or ``metric (B, m, m)`` (power 1); ``scale2 = s^2``.
+    """
+
+    scale2: Tensor
+    tr: Tensor | None = None
+    tr2: Tensor | None = None
+    metric: Tensor | None = None
 
 
 def _acc(x: Tensor) -> Tensor:
     return x.to(acc_dtype(x.dtype))
 
 
-def _tangent_images(decoder: Decoder, z: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(z_rep (B*K, m), out_rep (B*K, D), Jv (B, K, D))`` for ``vectors (B, K, m)``."""
-    bsz, k, m = vectors.shape
-    z_rep = z.unsqueeze(1).expand(bsz, k, m).reshape(bsz * k, m)
-    if not z_rep.requires_grad:
-        # J^T (J v) below is a gradient with respect to the codes, so they must be in the graph.
-        z_rep = z_rep.detach().requires_grad_()
-    with fwad.dual_level():
-        out = decoder(fwad.make_dual(z_rep, vectors.reshape(bsz * k, m)))
-        primal, tangent = fwad.unpack_dual(out)
-    if primal.shape[0] != bsz * k:
-        raise ValueError(
-            f"decoder must return one output per code: got batch size {primal.shape[0] // k} "
-            f"for z of batch size {bsz}"
-        )
-    if tangent is None:
-        tangent = torch.zeros_like(primal)
-    return z_rep, primal.reshape(bsz * k, -1), tangent.reshape(bsz, k, -1)
+def _scale(jv: Tensor, group: object | None) -> Tensor:
+    """Detached ``max |jv|`` over the (global) batch, 1 where the images vanish."""
+    s = jv.detach().abs().amax()
+    if group is not None:
+        s = s.clone()
+        dist.all_reduce(s, op=dist.ReduceOp.MAX, group=group)
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def generic_pullback(decoder: Decoder, z: Tensor) -> Tensor:
-    """Exact ``H = J^T J (B, m, m)`` at ``z (B, m)``: one forward-mode pass over the latent basis."""
-    bsz, m = z.shape
-    basis = torch.eye(m, dtype=z.dtype, device=z.device).expand(bsz, m, m)
-    _, _, jt = _tangent_images(decoder, z, basis)
-    return tangent_gram(_acc(jt))
+def _normalised_images(decoder: Decoder, z: Tensor, vectors: Tensor, group: object | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(primal (B, D), a (B, K, D) = J v / s in fp32+, s)``."""
+    primal, jv = tangent_images(decoder, z, vectors)
+    jv = _acc(jv)
+    s = _scale(jv, group)
+    return primal, jv / s, s
 
 
-def generic_hutchinson(decoder: Decoder, z: Tensor, probes: Tensor) -> Tensor:
-    """``stats (B, K, 2)``: ``||J v_k||^2`` by forward mode and ``||J^T J v_k||^2`` by one VJP."""
-    bsz, k, _ = probes.shape
+def latent_basis(z: Tensor) -> Tensor:
+    """``(B, m, *latent_shape)``: the latent basis for each sample."""
+    m = z[0].numel()
+    eye = torch.eye(m, dtype=z.dtype, device=z.device).reshape(m, *z.shape[1:])
+    return eye.expand(z.shape[0], *eye.shape)
+
+
+def generic_metric(decoder: Decoder, z: Tensor, group: object | None = None) -> Scaled:
+    """Exact ``H (B, m, m)`` (scaled) from the ``m`` basis tangent images."""
+    _, a, s = _normalised_images(decoder, z, latent_basis(z), group)
+    with torch.autocast(z.device.type, enabled=False):
+        return Scaled(s * s, metric=tangent_gram(a))
+
+
+def forward_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None) -> Scaled:
+    """First-order ``Tr H`` and ``Tr H^2`` (scaled) from the ``K x K`` Gram of probe images."""
+    k = probes.shape[1]
+    _, a, s = _normalised_images(decoder, z, probes, group)
+    with torch.autocast(z.device.type, enabled=False):
+        g = tangent_gram(a)
+        tr = torch.diagonal(g, dim1=1, dim2=2).mean(-1)
+        off = torch.triu(torch.ones(k, k, dtype=torch.bool, device=g.device), diagonal=1)
+        tr2 = g.square()[:, off].mean(-1)
+    return Scaled(s * s, tr=tr, tr2=tr2)
+
+
+def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None) -> Scaled:
+    """``Tr H = mean ||J v||^2`` and ``Tr H^2 = mean ||J^T J v||^2`` (scaled), one VJP per probe."""
     with torch.enable_grad():  # the VJP needs a graph even when the caller evaluates under no_grad
-        z_rep, primal, jv = _tangent_images(decoder, z, probes)
-        (jtjv,) = torch.autograd.grad(primal, z_rep, jv.reshape(bsz * k, -1), create_graph=True)
-    return torch.stack([tangent_sqnorm(_acc(jv)), tangent_sqnorm(_acc(jtjv).reshape(bsz, k, -1))], dim=-1)
+        zg = z if z.requires_grad else z.detach().requires_grad_()
+        primal, a, s = _normalised_images(decoder, zg, probes, group)
+        k = probes.shape[1]
+        if primal.requires_grad:
+            cot = a.transpose(0, 1).to(primal.dtype)  # (K, B, D): J^T a_k is linear in a_k, so J^T (J v / s)
+            if k == 1:  # one plain VJP; the batched form vmaps the backward
+                (jta,) = torch.autograd.grad(primal, zg, cot[0], create_graph=True, allow_unused=True)
+                jta = None if jta is None else jta.unsqueeze(0)
+            else:
+                (jta,) = torch.autograd.grad(primal, zg, cot, create_graph=True, is_grads_batched=True, allow_unused=True)
+        else:
+            jta = None
+        jta = torch.zeros(k, *z.shape, dtype=a.dtype, device=z.device) if jta is None else _acc(jta)
+        with torch.autocast(z.device.type, enabled=False):
+            tr = tangent_sqnorm(a).mean(-1)
+            # ||J^T J v||^2 / s^4 = ||J^T a / s||^2
+            tr2 = tangent_sqnorm((jta / s).reshape(k, z.shape[0], -1).transpose(0, 1)).mean(-1)
+    return Scaled(s * s, tr=tr, tr2=tr2)
+
+
+def unscale(x: Tensor, scale2: Tensor, power: int, what: str) -> Tensor:
+    """``x * scale2 ** power``, refused where it is not representable in ``x``'s dtype."""
+    out = x * scale2**power
+    if can_read_values() and not bool(torch.isfinite(out).all()):
+        raise OverflowError(
+            f"{what} is not representable in {x.dtype}: the decoder's Jacobian scale is about "
+            f"{float(scale2.sqrt()):.3g}; use a scale-invariant measure ('scaled_isometry', 'conformal') "
+            f"or float64 codes and decoder"
+        )
+    return out

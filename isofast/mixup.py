@@ -9,7 +9,7 @@ from isofast._checks import check_eta, check_generator, check_z
 
 
 def mixup(z: Tensor, eta: float | None = 0.2, generator: torch.Generator | None = None) -> Tensor:
-    """``z_aug (B, m)``: ``alpha_b z_b + (1 - alpha_b) z_perm(b)`` with ``alpha_b ~ U[-eta, 1 + eta]``.
+    """``z_aug (B, *latent_shape)``: ``alpha_b z_b + (1 - alpha_b) z_perm(b)``, ``alpha_b ~ U[-eta, 1 + eta]``.
 
     ``eta`` is ``None`` or a real number (numpy scalars included) in ``[0, isofast._checks.ETA_MAX]``.
     ``perm`` is a uniformly random permutation of the batch. Draws happen on ``z``'s device with
@@ -29,5 +29,5 @@ def mixup_unchecked(z: Tensor, eta: float | None, generator: torch.Generator | N
     eta = float(eta)  # numpy scalars: keep the arithmetic below in torch
     bsz = z.shape[0]
     perm = torch.randperm(bsz, generator=generator, device=z.device)
-    alpha = torch.rand(bsz, 1, generator=generator, device=z.device, dtype=z.dtype) * (1 + 2 * eta) - eta
+    alpha = torch.rand(bsz, *[1] * (z.dim() - 1), generator=generator, device=z.device, dtype=z.dtype) * (1 + 2 * eta) - eta
     return alpha * z + (1 - alpha) * z[perm]

@@ -26,6 +26,18 @@ from isofast.streams import SequentialSpec, plan_sequential
 #: ``estimator="exact"`` to buy zero variance at larger m.
 EXACT_MAX_LATENT = 2
 
+#: The generic path's ``auto``: the first-order ``forward`` estimator with :data:`FORWARD_PROBES`
+#: probes (of K = 2..16 it leaves the least parameter-gradient variance per unit time on the MLP,
+#: conv and attention decoders of benchmarks/results/estimator_choice.md), and the exact metric
+#: wherever its m streams are no more than those K (at m = 16 both cost the same there). The VJP
+#: (Hutchinson) estimator leaves less gradient variance per unit time on conv decoders but needs a
+#: double backward, so ``auto`` never takes it.
+FORWARD_PROBES = 16
+GENERIC_EXACT_MAX_LATENT = FORWARD_PROBES
+
+#: The largest exact pullback metric the generic path builds: ``B m^2`` entries.
+MAX_METRIC_ENTRIES = 2**28
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -44,6 +56,7 @@ class Plan:
     measure: str | None
     reasons: dict[str, str]
     precision: str = ""
+    latent_shape: tuple[int, ...] = ()
     spec: MLPSpec | SequentialSpec | None = field(default=None, repr=False, compare=False)
     backend_impl: Backend | None = field(default=None, repr=False, compare=False)
     compute_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)
@@ -96,6 +109,8 @@ def _path(decoder: object, z: Tensor) -> tuple[MLPSpec | None, str]:
     spec, why = extract_mlp(decoder)
     if spec is None:
         return None, why
+    if z.dim() != 2:
+        return None, f"{why}, but z has latent shape {tuple(z.shape[1:])} and the fused path takes (B, m)"
     m = z.shape[1]
     if spec.in_features != m:
         raise ValueError(f"z has latent width m = {m} but the decoder's first nn.Linear expects {spec.in_features}")
@@ -129,27 +144,34 @@ def _generic_precision(z: Tensor, autocast: torch.dtype | None) -> tuple[str, st
 
 
 def _estimator(
-    estimator: str, measure: str | None, m: int, probes: Tensor | None, n_probes: int | None
+    estimator: str, measure: str | None, m: int, probes: Tensor | None, n_probes: int | None, fused: bool
 ) -> tuple[str, str]:
     if n_probes is not None and estimator == "exact":
-        raise ValueError(f"n_probes is only used by estimator='hutchinson' (or 'auto'), got n_probes={n_probes} "
-                         "with estimator='exact'")
+        raise ValueError(f"n_probes is only used by estimator='forward' or 'hutchinson' (or 'auto'), got "
+                         f"n_probes={n_probes} with estimator='exact'")
     if probes is not None:
         if estimator == "exact":
-            raise ValueError("probes are only used by estimator='hutchinson' (or 'auto'), got estimator='exact'")
-        chosen, why = "hutchinson", "probes were given"
-    elif estimator == "auto":
+            raise ValueError("probes are only used by estimator='forward', 'hutchinson' (or 'auto'), got estimator='exact'")
+        if estimator == "auto":
+            return "hutchinson", "probes were given (estimator='forward' takes them too)"
+    if estimator == "auto":
         if measure in EXACT_ONLY:
             chosen, why = "exact", f"measure {measure!r} needs the exact metric"
-        elif m <= EXACT_MAX_LATENT:
+        elif fused and m <= EXACT_MAX_LATENT:
             chosen, why = "exact", f"auto: latent width m = {m} <= {EXACT_MAX_LATENT}, exact is no dearer than one probe and has no variance"
-        else:
+        elif fused:
             chosen, why = "hutchinson", f"auto: latent width m = {m} > {EXACT_MAX_LATENT}, exact would carry m streams and cost more than one probe"
+        elif m <= GENERIC_EXACT_MAX_LATENT:
+            chosen, why = "exact", (f"auto (generic): m = {m} <= {GENERIC_EXACT_MAX_LATENT}, the exact metric's {m} tangent "
+                                    f"streams cost no more than the forward estimator's {FORWARD_PROBES} and have no variance")
+        else:
+            chosen, why = "forward", (f"auto (generic): m = {m} > {GENERIC_EXACT_MAX_LATENT}, the first-order estimator with "
+                                      f"{FORWARD_PROBES} probes (no double backward; isofast.planning.FORWARD_PROBES)")
     else:
         chosen, why = estimator, "requested"
     if chosen == "exact" and n_probes is not None:
-        why += f"; n_probes={n_probes} is unused (it applies to the Hutchinson estimator only)"
-    if chosen == "hutchinson" and measure in EXACT_ONLY:
+        why += f"; n_probes={n_probes} is unused (it applies to the probe estimators only)"
+    if chosen in ("hutchinson", "forward") and measure in EXACT_ONLY:
         raise ValueError(f"measure {measure!r} needs estimator='exact' (it uses det H), got estimator={estimator!r}")
     return chosen, why
 
@@ -187,45 +209,80 @@ def plan(
         raise TypeError(f"sync must be a bool or a torch.distributed ProcessGroup, got {type(sync).__name__}")
     if sync is not False and not torch.distributed.is_initialized():
         raise ValueError("sync=True needs an initialised torch.distributed process group")
-    m = z.shape[1]
+    m = z[0].numel()
+    spec, path_why = _path(decoder, z)
+    if spec is not None and estimator == "forward":
+        spec, path_why = None, f"{path_why}, but estimator='forward' runs on the generic path"
     if measure is None:
-        if estimator == "hutchinson" or probes is not None:
-            raise ValueError("pullback_metric is exact; estimator='hutchinson' and probes do not apply")
+        if estimator in ("hutchinson", "forward") or probes is not None:
+            raise ValueError(f"pullback_metric is exact; estimator={estimator!r} and probes do not apply")
         chosen, est_why = "exact", "the pullback metric is computed exactly"
     else:
-        chosen, est_why = _estimator(estimator, measure, m, probes, n_probes)
-    k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or 1))
-
-    spec, path_why = _path(decoder, z)
+        chosen, est_why = _estimator(estimator, measure, m, probes, n_probes, spec is not None)
+    default_k = FORWARD_PROBES if chosen == "forward" else 1
+    k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or default_k))
+    if chosen == "forward" and k < 2:
+        raise ValueError(f"estimator='forward' needs n_probes >= 2 (pairs of probes estimate Tr H^2), got {k}")
     autocast = autocast_dtype(z.device)
     if spec is None:
-        forced = backends.forced()
-        if forced not in (None, "torch"):
-            raise ValueError(f"backend {forced!r} runs only the fused MLP path, but this decoder is not fusable: {path_why}")
-        precision, prec_why = _generic_precision(z, autocast)
-        seq, path_why = plan_sequential(decoder, z, chosen, path_why)
-        if seq is not None:
-            return Plan("fused_sequential", "torch", chosen, k, measure,
-                        {"path": f"fused_sequential: {path_why}",
-                         "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
-                         "estimator": est_why, "precision": prec_why}, precision, seq)
-        on_cuda, reduce_why = cuda_reductions(z.device)
-        reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
-        return Plan(
-            "generic", "torch", chosen, k, measure,
-            {"path": f"generic: {path_why}",
-             "backend": f"torch: the generic path uses PyTorch forward-mode AD; its Gram/trace reductions "
-                        f"run {reductions} ({reduce_why})",
-             "estimator": est_why,
-             "precision": prec_why},
-            precision,
-        )
+        return _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast)
     dtype = _check_params(spec, z, autocast)
     impl, backend_why = backends.select(z.device, dtype)
     compute, precision, prec_why = _fused_precision(impl, z, dtype, autocast)
     return Plan(
         "fused_mlp", impl.name, chosen, k, measure,
         {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why,
-         "precision": prec_why},
-        precision, spec, impl, compute,
+         "precision": prec_why, "shapes": _shapes(z, chosen, k)},
+        precision, tuple(z.shape[1:]), spec, impl, compute,
     )
+
+
+def _shapes(z: Tensor, estimator: str, k: int | None) -> str:
+    bsz, latent, m = z.shape[0], tuple(z.shape[1:]), z[0].numel()
+    dims = ", ".join(map(str, latent))
+    probes = "" if k is None else f", probes ({bsz}, {k}, {dims})"
+    streams = m if estimator == "exact" else k
+    return f"z ({bsz}, {dims}), m = {m}{probes}, {streams} tangent streams per sample, pullback metric ({bsz}, {m}, {m})"
+
+
+def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measure: str | None, path_why: str,
+                  est_why: str, autocast: torch.dtype | None) -> Plan:
+    from isofast import forward_ad_fixes, train_mode
+
+    forced = backends.forced()
+    if forced not in (None, "torch"):
+        raise ValueError(f"backend {forced!r} runs only the fused MLP path, but this decoder is not fusable: {path_why}")
+    bsz, m = z.shape[0], z[0].numel()
+    if chosen == "exact" and bsz * m * m > MAX_METRIC_ENTRIES:
+        gib = bsz * m * m * torch.finfo(z.dtype).bits / 8 / 2**30
+        raise ValueError(f"the exact pullback metric for z of shape {tuple(z.shape)} is ({bsz}, {m}, {m}): {gib:.1f} GiB "
+                         f"and {m} tangent streams per sample, over the limit of {MAX_METRIC_ENTRIES} entries; "
+                         f"use estimator='forward' or fewer latent dimensions")
+    if isinstance(decoder, nn.Module):
+        params = [p for p in decoder.parameters() if p.is_floating_point()]
+        if params and params[0].dtype != z.dtype:
+            raise TypeError(f"z must have the decoder's dtype {params[0].dtype}, got {z.dtype}")
+    precision, prec_why = _generic_precision(z, autocast)
+    seq, path_why = plan_sequential(decoder, z, chosen, path_why)
+    if seq is not None:
+        return Plan("fused_sequential", "torch", chosen, k, measure,
+                    {"path": f"fused_sequential: {path_why}",
+                     "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
+                     "estimator": est_why, "shapes": _shapes(z, chosen, k), "precision": prec_why},
+                    precision, tuple(z.shape[1:]), seq)
+    on_cuda, reduce_why = cuda_reductions(z.device)
+    reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
+    reasons = {
+        "path": f"generic: {path_why}",
+        "backend": f"torch: the generic path uses torch.func.jvp over batched tangents (primal once per sample); "
+                   f"its Gram/trace reductions run {reductions} ({reduce_why})",
+        "estimator": est_why,
+        "shapes": _shapes(z, chosen, k),
+        "operators": f"during the tangent pass: {forward_ad_fixes.DESCRIPTION}",
+        "precision": f"{prec_why}; tangent images divided by a detached batch scale, then Grams and traces in "
+                     f"{torch.finfo(acc_dtype(z.dtype)).dtype} with autocast off",
+    }
+    caveat = train_mode.describe(decoder)
+    if caveat:
+        reasons["train_mode"] = caveat
+    return Plan("generic", "torch", chosen, k, measure, reasons, precision, tuple(z.shape[1:]))

@@ -1,0 +1,151 @@
+"""Which estimator should ``estimator="auto"`` take on the generic path? Variance per unit time.
+
+For an MLP (behind a lambda, so on the generic path), the ``DeConvNet28``-style conv decoder and
+the residual GroupNorm/attention decoder (image-shaped latent), at latent sizes ``m``, with fixed
+weights and codes, every estimator is run ``draws`` times with fresh probes; the draws alternate
+between estimators (one fwd+bwd of the regulariser each, timed). Per estimator:
+
+- ``ms``: median fwd+bwd time;
+- ``rel_var_loss = var(L) / L_ref^2`` and ``rel_var_grad = E ||g - mean g||^2 / ||g_ref||^2`` with
+  the reference the exact loss and gradient (or the forward estimator's mean where exact is not run);
+- ``loss_cost = rel_var_loss * ms`` and ``grad_cost = rel_var_grad * ms``: the variance left after
+  one millisecond's worth of averaging (lower is better; exact has 0).
+
+Also the official recipe (one probe) and isofast 0.1's repeated-codes generic path (K = 2) as time
+references. ``python -m benchmarks.estimator_choice --out benchmarks/results`` writes
+``estimator_choice.json`` and ``estimator_choice.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import isofast
+from isofast import baselines
+from tests.helpers import DeConvNet28, ResAttnDecoder
+
+ATTN_LATENTS = {4: (1, 2, 2), 16: (4, 2, 2), 64: (4, 4, 4), 256: (4, 8, 8)}
+
+
+def decoders(m: int) -> dict[str, tuple[Callable[[Tensor], Tensor], nn.Module, tuple[int, ...]]]:
+    """name -> (callable, module holding the parameters, latent shape)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(m, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 784), nn.Sigmoid())
+    out = {"mlp": (lambda z: mlp(z), mlp, (m,)), "deconv": (DeConvNet28(m, nh=2), None, (m,))}
+    if m in ATTN_LATENTS:
+        out["attn"] = (ResAttnDecoder(ATTN_LATENTS[m], width=16, groups=4), None, ATTN_LATENTS[m])
+    return {k: (f, f if mod is None else mod, shape) for k, (f, mod, shape) in out.items()}
+
+
+def _estimators(m: int) -> list[tuple[str, str, int | None]]:
+    rows: list[tuple[str, str, int | None]] = [("exact", "exact", None)] if m <= 64 else []
+    rows += [(f"forward-K{k}", "forward", k) for k in (2, 4, 8, 16)]
+    rows += [(f"hutchinson-K{k}", "hutchinson", k) for k in (1, 2)]
+    return rows + [("official-K1", "official", 1), ("repeat-K2", "repeat", 2)]
+
+
+def _run(kind: str, dec: Callable[[Tensor], Tensor], params: list[Tensor], z: Tensor, probes: Tensor | None) -> tuple[float, Tensor, float]:
+    t0 = time.perf_counter()
+    if kind == "official":
+        # The official recipe's double backward needs the math attention kernel.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = baselines.official_relaxed_distortion(dec, z, probes[:, 0])  # type: ignore[index]
+    elif kind == "repeat":
+        loss = baselines.repeated_codes_hutchinson(dec, z, probes)  # type: ignore[arg-type]
+    else:
+        loss = isofast.relaxed_distortion(dec, z, eta=None, estimator=kind, probes=probes)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    dt = time.perf_counter() - t0
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+    return float(loss.detach()), flat.double(), dt
+
+
+def measure(m_values: tuple[int, ...], batch: int, draws: int, seed: int = 0) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for m in m_values:
+        for name, (dec, holder, shape) in decoders(m).items():
+            params = [p for p in holder.parameters()]
+            gen = torch.Generator().manual_seed(seed + m)
+            z = torch.randn(batch, *shape, generator=gen)
+            ests = _estimators(m)
+            samples: dict[str, list[tuple[float, Tensor, float]]] = {e[0]: [] for e in ests}
+            errors: dict[str, str] = {}
+            for d in range(draws):
+                for label, kind, k in ests[d % len(ests):] + ests[:d % len(ests)]:  # rotate the order
+                    probes = None if k is None else torch.randn(batch, k, *shape, generator=gen)
+                    if kind == "exact" and d > 2:
+                        continue  # deterministic: three timings suffice
+                    try:
+                        samples[label].append(_run(kind, dec, params, z, probes))
+                    except (RuntimeError, NotImplementedError) as exc:
+                        errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            if "exact" in samples:
+                ref_loss, ref_grad = samples["exact"][0][0], samples["exact"][0][1]
+            else:
+                ref_loss = statistics.fmean(s[0] for s in samples["forward-K8"])
+                ref_grad = torch.stack([s[1] for s in samples["forward-K8"]]).mean(0)
+            for label, kind, k in ests:
+                got = samples[label]
+                if not got:
+                    records.append({"decoder": name, "m": m, "latent_shape": list(shape), "batch": batch,
+                                    "estimator": label, "n_probes": k, "error": errors[label]})
+                    continue
+                losses = torch.tensor([s[0] for s in got], dtype=torch.float64)
+                grads = torch.stack([s[1] for s in got])
+                ms = statistics.median(s[2] for s in got) * 1e3
+                var_l = 0.0 if kind == "exact" else float(losses.var() / ref_loss**2)
+                var_g = 0.0 if kind == "exact" else float((grads - grads.mean(0)).square().sum(1).mean() / ref_grad.square().sum())
+                records.append({"decoder": name, "m": m, "latent_shape": list(shape), "batch": batch, "estimator": label,
+                                "n_probes": k, "ms": ms, "loss_mean": float(losses.mean()), "loss_ref": ref_loss,
+                                "rel_var_loss": var_l, "rel_var_grad": var_g,
+                                "loss_cost": var_l * ms, "grad_cost": var_g * ms, "error": None})
+            print(f"m={m} {name}: " + ", ".join(f"{r['estimator']} {r.get('ms', float('nan')):.1f}ms "
+                                                  f"gc={r.get('grad_cost', float('nan')):.3g}"
+                                                  for r in records if r["m"] == m and r["decoder"] == name), flush=True)
+    return records
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    lines = ["| decoder | m | estimator | fwd+bwd ms | rel var loss | rel var grad | loss var x ms | grad var x ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["error"] is not None:
+            lines.append(f"| {r['decoder']} | {r['m']} | {r['estimator']} | fails: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['decoder']} | {r['m']} | {r['estimator']} | {r['ms']:.1f} | {r['rel_var_loss']:.3g} | "
+                     f"{r['rel_var_grad']:.3g} | {r['loss_cost']:.3g} | {r['grad_cost']:.3g} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", default="2,4,16,64,256")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--draws", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    records = measure(tuple(int(x) for x in args.m.split(",")), args.batch, args.draws)
+    header = (f"CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}, batch {args.batch}, "
+              f"{args.draws} draws per estimator alternating in one process; fp32")
+    print(header)
+    print(table(records))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "estimator_choice.json").write_text(json.dumps({"setup": header, "records": records}, indent=1))
+        (args.out / "estimator_choice.md").write_text(f"# Estimator choice on the generic path\n\n{header}\n\n{table(records)}\n")
+
+
+if __name__ == "__main__":
+    main()
