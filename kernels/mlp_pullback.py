@@ -33,15 +33,12 @@ def mlp_pullback_gram_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``gram[b, k, k'] += <T_k, T_k'>`` over this column tile, ``T_k = s'(p) A[k]``, ``K = NS - 1``."""
-    b0 = tl.program_id(0) * BM
-    n0 = tl.program_id(1) * BN
-    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
-    sid = tl.arange(0, NSP)[:, None, None]
+    a3, p, sid, b, _ = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     _, d1, _ = act_fn(p, ACT, coef, threshold)
     # Padded columns hold p = 0 and A = 0, so they contribute nothing.
     tg = tl.where((sid >= 1) & (sid < NS), d1[None, :, :] * a3, 0.0)
     s2 = tl.arange(0, NSP)[:, None]
-    b2 = b0 + tl.arange(0, BM)[None, :]
+    b2 = b[None, :]
     ok = (s2 >= 1) & (s2 < NS) & (b2 < B)
     for k in tl.static_range(1, NS):
         tk = pick(tg, sid, k)
@@ -57,12 +54,7 @@ def mlp_pullback_gram_bwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``abar (NS, B, N)``: the last layer's pre-activation gradient given ``Hbar = gh (B, K, K)``."""
-    b0 = tl.program_id(0) * BM
-    n0 = tl.program_id(1) * BN
-    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
-    sid = tl.arange(0, NSP)[:, None, None]
-    b = b0 + tl.arange(0, BM)
-    n = n0 + tl.arange(0, BN)
+    a3, p, sid, b, n = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     _, d1, d2 = act_fn(p, ACT, coef, threshold)
     s2 = tl.arange(0, NSP)[:, None]
     b2 = b[None, :]

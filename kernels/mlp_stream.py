@@ -151,16 +151,21 @@ def pick(x3, sid, k):
 
 
 @triton.jit
-def layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS: tl.constexpr, NSP: tl.constexpr,
-               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """One layer's pre-activations on a tile of samples ``b0 ..`` and columns ``n0 ..``:
-    ``a3 (NSP, BM, BN)`` for every stream and the primal ``p = A[0] + bias (BM, BN)``."""
+def layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS: tl.constexpr, NSP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """This program's tile of one layer's pre-activations, for the samples ``b (BM,)`` and columns
+    ``n (BN,)`` its program ids select: ``(a3, p, sid, b, n)`` with ``a3 (NSP, BM, BN)`` every
+    stream's ``A``, ``p = A[0] + bias (BM, BN)`` the primal and ``sid (NSP, 1, 1)`` the stream index."""
+    b0 = tl.program_id(0) * BM
+    n0 = tl.program_id(1) * BN
     a3 = tl.reshape(rows_times_wt(x_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC), (NSP, BM, BN))
-    p = pick(a3, tl.arange(0, NSP)[:, None, None], 0)
+    sid = tl.arange(0, NSP)[:, None, None]
+    p = pick(a3, sid, 0)
+    b = b0 + tl.arange(0, BM)
+    n = n0 + tl.arange(0, BN)
     if HAS_BIAS:
-        n = n0 + tl.arange(0, BN)
         p += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    return a3, p
+    return a3, p, sid, b, n
 
 
 @triton.jit
@@ -210,12 +215,7 @@ def mlp_stream_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """One multi-stream layer: ``out[0] = s(p)``, ``out[k] = s'(p) A[k]`` with ``p = A[0] + b``."""
-    b0 = tl.program_id(0) * BM
-    n0 = tl.program_id(1) * BN
-    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
-    sid = tl.arange(0, NSP)[:, None, None]
-    b = b0 + tl.arange(0, BM)
-    n = n0 + tl.arange(0, BN)
+    a3, p, sid, b, n = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     ok2 = (b[:, None] < B) & (n[None, :] < N)
     v, d1, _ = act_fn(p, ACT, coef, threshold)
     out = tl.where(sid == 0, v[None, :, :], d1[None, :, :] * a3)
