@@ -10,7 +10,7 @@ Builds the compiled extension ``isofast._C`` (``csrc/``) ahead of time with ninj
   extension just in time later).
 
 torch must already be installed and visible to the build, so the build runs without pip's build
-isolation: ``pip install torch ninja pybind11 && pip install --no-build-isolation -e ".[test]"``.
+isolation: ``pip install torch ninja pybind11 setuptools wheel && pip install --no-build-isolation -e ".[test]"``.
 torch is deliberately not a build requirement in ``pyproject.toml``: an isolated build would
 download a torch of its own and compile against it, not against the torch that will run the
 extension. A build that cannot import torch stops with a message saying so.
@@ -37,7 +37,7 @@ def _load_build_description():
 NO_TORCH = """isofast: torch is not importable in this build environment, so the compiled extension
 cannot be built. Install torch first and build without pip's build isolation:
 
-    pip install torch ninja pybind11
+    pip install torch ninja pybind11 setuptools wheel
     pip install --no-build-isolation -e .
 
 or ask for a pure-Python install (no C++ extension) with ISOFAST_NO_EXT=1.

@@ -10,7 +10,8 @@ Checked, in order:
 2. ``ISOFAST_NO_EXT=1`` makes that same install a pure-Python one;
 3. the README's install commands build the compiled extension, and the cpu backend is available.
 
-Slow (it compiles the extension): deselected by default, run by CI with ``pytest -m slow``.
+That one is slow (it compiles the extension): deselected by default, run by CI with
+``pytest -m slow``. A fast test checks the refusal itself, with torch made unimportable.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-pytestmark = pytest.mark.slow
 
 PROBE = (
     "import isofast, isofast.backends as b; ok, why = b.status('cpu'); "
@@ -69,6 +68,22 @@ def probe(venv_python: Path, env: dict[str, str], tmp: Path) -> tuple[str, bool,
     return file, ok == "True", why
 
 
+@pytest.mark.parametrize("no_ext", [False, True])
+def test_setup_without_torch_refuses_unless_pure_python_is_asked_for(no_ext: bool) -> None:
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k != "ISOFAST_NO_EXT"}
+    if no_ext:
+        env["ISOFAST_NO_EXT"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    if no_ext:
+        assert out.returncode == 0 and out.stdout.strip().endswith("isofast"), out.stderr[-2000:]
+    else:
+        assert out.returncode != 0
+        assert "pip install --no-build-isolation" in out.stderr and "ISOFAST_NO_EXT=1" in out.stderr
+
+
+@pytest.mark.slow
 def test_fresh_venv_install_as_the_readme_says(tmp_path: Path) -> None:
     src = tmp_path / "isofast-src"
     copy_checkout(src)
