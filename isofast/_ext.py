@@ -31,9 +31,8 @@ JIT_NAME = _build.JIT_NAME
 
 _ROOT = Path(__file__).resolve().parent.parent
 CSRC = _ROOT / _build.CSRC
-CPP_SOURCES = _build.CPP_SOURCES
+#: The CUDA kernel sources (what ``isofast doctor --compile-check`` compiles with nvcc).
 CUDA_SOURCES = _build.CUDA_SOURCES
-CUDA_CPP_SOURCES = _build.CUDA_CPP_SOURCES
 
 _lock = threading.Lock()
 _state: tuple[ModuleType | None, str] | None = None
