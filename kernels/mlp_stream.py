@@ -251,7 +251,8 @@ def mlp_stream_dgrad_kernel(
     j_ok = j < J
     acc = tl.zeros((NSP * BM, BJ), dtype=tl.float32)
     for k0 in range(0, N, BK):
-        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, k0, B, N, NS, NSP, BM, BK, ACT, coef, threshold, PRO, HAS_T, HAS_PX)
+        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, k0, B, N, NS, NSP, BM, BK, ACT, coef, threshold, PRO,
+                          HAS_T, HAS_PX)
         k = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + k[:, None].to(tl.int64) * J + j[None, :], mask=(k[:, None] < N) & j_ok[None, :], other=0.0)
         acc = mma(tl.reshape(abar, (NSP * BM, BK)), w, acc, PREC)
@@ -294,7 +295,8 @@ def mlp_stream_wgrad_kernel(
     sid = tl.arange(0, NSP)[:, None, None]
     for blk in range(split * BLOCKS_PER_SPLIT, (split + 1) * BLOCKS_PER_SPLIT):
         b0 = blk * BM
-        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, n0, B, N, NS, NSP, BM, BN, ACT, coef, threshold, PRO, HAS_T, HAS_PX)
+        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, n0, B, N, NS, NSP, BM, BN, ACT, coef, threshold, PRO,
+                          HAS_T, HAS_PX)
         b = b0 + r % BM
         row_ok = (s < NS) & (b < B)
         x = tl.load(x_ptr + s[:, None].to(tl.int64) * B * J + b[:, None].to(tl.int64) * J + j[None, :],

@@ -30,17 +30,15 @@ void gram_epilogue(const View<T>& v, const Tensor& bias, T* G, int64_t K, int64_
   });
 }
 
-// Backward of the Gram epilogue given Gs = Gbar + Gbar^T: Sbar_k = sum_l Gs[k,l] t_l, then
-// Abar_k = s'(p) Sbar_k and Abar_0 = s''(p) sum_k A_k Sbar_k. Writes Abar ((1 + K) B x d).
+// Backward of the Gram epilogue given Gs = Gbar + Gbar^T: Sbar_k = sum_l Gs[k,l] t_l (Sbar_0 = 0),
+// then back through the gates (gate_backward). Writes Abar ((1 + K) B x d).
 template <typename T>
 void gram_backward(const View<T>& v, const T* Gs, T* Abar, int64_t K, int64_t B, Act a) {
   const int64_t d = v.d;
   const Derivs<T> act(v.A, B, a, Tensor(), true);
   for_each_sample(act, B, (K + 1) * d, (K + 1) * d, [&](int64_t b, const T* d1, T* scratch) {
     T* t = scratch;
-    T* acc = scratch + K * d;
     gate(d1, v.tangent(0, b), v.sK, t, d, K, d);
-    std::fill(acc, acc + d, T(0));
     const T* g = Gs + b * K * K;
     for (int64_t k = 0; k < K; ++k) {
       T* o = Abar + ((k + 1) * B + b) * d;
@@ -50,19 +48,9 @@ void gram_backward(const View<T>& v, const T* Gs, T* Abar, int64_t K, int64_t B,
         const T* x = t + l * d;
         for (int64_t i = 0; i < d; ++i) o[i] += c * x[i];
       }
-      if (act.d2on) {
-        const T* at = v.tangent(k, b);
-        for (int64_t i = 0; i < d; ++i) acc[i] += at[i] * o[i];
-      }
-      for (int64_t i = 0; i < d; ++i) o[i] *= d1[i];
     }
-    T* o0 = Abar + b * d;
-    if (act.d2on) {
-      const T* d2 = act.d2(b);
-      for (int64_t i = 0; i < d; ++i) o0[i] = d2[i] * acc[i];
-    } else {
-      std::fill(o0, o0 + d, T(0));
-    }
+    std::fill(Abar + b * d, Abar + (b + 1) * d, T(0));
+    gate_backward(v, act, b, d1, Abar, static_cast<const T*>(nullptr), K, B, scratch + K * d);
   });
 }
 

@@ -43,10 +43,18 @@ inline Act act_at(const ActList& acts, size_t l) {
 std::pair<Tensor, Tensor> act_layer(const Tensor& x, Act a, Tensor s_out, bool want_d2);
 
 // s and s' of one row for the mask kinds (identity, ReLU, leaky ReLU: s'' = 0); s may be null.
+// Two loops rather than a branch per element, so that each one vectorises.
 template <int KIND, typename T>
 void mask_row(const T* x, int64_t n, T coef, T* s, T* d1) {
-  T unused_s, unused_d2;
-  for (int64_t i = 0; i < n; ++i) act_eval<KIND>(x[i], coef, T(0), s != nullptr ? s[i] : unused_s, d1[i], unused_d2);
+  T d2;
+  if (s != nullptr) {
+    for (int64_t i = 0; i < n; ++i) act_eval<KIND>(x[i], coef, T(0), s[i], d1[i], d2);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      T unused;
+      act_eval<KIND>(x[i], coef, T(0), unused, d1[i], d2);
+    }
+  }
 }
 
 // s' and s'' of one layer's primal pre-activations (the first B rows of A), read row by row by
@@ -158,34 +166,41 @@ void fwd_epilogue(const View<T>& v, const Tensor& bias, const Tensor& S, bool wr
   });
 }
 
-// Backward prologue of a layer, in place on Sb ((1 + K) B x d): Abar_k = s'(p) Sbar_k and
-// Abar_0 = s'(p) Sbar_0 + s''(p) sum_k A_k Sbar_k (+ extra, the Hutchinson chain's p-gradient).
+// Backward through the gates of sample b, in place on its rows of Sb ((1 + K) B x d):
+// Abar_k = s'(p) Sbar_k and Abar_0 = s'(p) Sbar_0 + s''(p) sum_k A_k Sbar_k (+ extra, the
+// Hutchinson chain's p-gradient, when non-null). acc: d wide scratch.
+template <typename T>
+void gate_backward(const View<T>& v, const Derivs<T>& act, int64_t b, const T* d1, T* Sb, const T* extra, int64_t K,
+                   int64_t B, T* acc) {
+  const int64_t d = v.d;
+  if (act.d2on) std::fill(acc, acc + d, T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    T* sb = Sb + ((k + 1) * B + b) * d;
+    if (act.d2on) {
+      const T* at = v.tangent(k, b);
+      for (int64_t i = 0; i < d; ++i) acc[i] += at[i] * sb[i];
+    }
+    for (int64_t i = 0; i < d; ++i) sb[i] *= d1[i];
+  }
+  T* s0 = Sb + b * d;
+  if (act.d2on) {
+    const T* d2 = act.d2(b);
+    for (int64_t i = 0; i < d; ++i) s0[i] = d1[i] * s0[i] + d2[i] * acc[i];
+  } else {
+    for (int64_t i = 0; i < d; ++i) s0[i] *= d1[i];
+  }
+  if (extra != nullptr) {
+    const T* e = extra + b * d;
+    for (int64_t i = 0; i < d; ++i) s0[i] += e[i];
+  }
+}
+
+// Backward prologue of a layer: gate_backward for every sample.
 template <typename T>
 void bwd_prologue(const View<T>& v, T* Sb, const T* extra, int64_t K, int64_t B, Act a) {
-  const int64_t d = v.d;
   const Derivs<T> act(v.A, B, a, Tensor(), true);
-  for_each_sample(act, B, (K + 1) * d, d, [&](int64_t b, const T* d1, T* acc) {
-    if (act.d2on) std::fill(acc, acc + d, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      T* sb = Sb + ((k + 1) * B + b) * d;
-      if (act.d2on) {
-        const T* at = v.tangent(k, b);
-        for (int64_t i = 0; i < d; ++i) acc[i] += at[i] * sb[i];
-      }
-      for (int64_t i = 0; i < d; ++i) sb[i] *= d1[i];
-    }
-    T* s0 = Sb + b * d;
-    if (act.d2on) {
-      const T* d2 = act.d2(b);
-      for (int64_t i = 0; i < d; ++i) s0[i] = d1[i] * s0[i] + d2[i] * acc[i];
-    } else {
-      for (int64_t i = 0; i < d; ++i) s0[i] *= d1[i];
-    }
-    if (extra != nullptr) {
-      const T* e = extra + b * d;
-      for (int64_t i = 0; i < d; ++i) s0[i] += e[i];
-    }
-  });
+  for_each_sample(act, B, (K + 1) * v.d, v.d,
+                  [&](int64_t b, const T* d1, T* acc) { gate_backward(v, act, b, d1, Sb, extra, K, B, acc); });
 }
 
 // ---------------------------------------------------------------------------------------------
