@@ -70,9 +70,10 @@ def _kernels():
 
 
 def _prec_code() -> int:
-    from isofast.backends import current_precision
+    """The kernels' ``PREC`` code: the index of the current mode in :data:`isofast.backends.PRECISIONS`."""
+    from isofast.backends import PRECISIONS, current_precision
 
-    return ("fp32", "tf32", "bf16").index(current_precision())
+    return PRECISIONS.index(current_precision())
 
 
 def _contig(ts: Sequence[Tensor | None]) -> list[Tensor | None]:
