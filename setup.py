@@ -1,6 +1,7 @@
 """isofast: fast isometric regularisation for PyTorch.
 
-Builds the compiled extension ``isofast._C`` (``csrc/``) ahead of time with ninja:
+Builds the compiled extension ``isofast._C`` (``csrc/``) ahead of time with ninja, as
+``isofast/_build.py`` describes it (the same description the just-in-time build reads):
 
 - the C++ CPU kernels always;
 - the CUDA kernels too when torch is a CUDA build and a CUDA toolkit is found, or when forced with
@@ -8,57 +9,67 @@ Builds the compiled extension ``isofast._C`` (``csrc/``) ahead of time with ninj
 - nothing with ``ISOFAST_NO_EXT=1`` (pure Python; ``python -m isofast doctor --build`` can build the
   extension just in time later).
 
-torch must already be installed and visible to the build:
-``pip install --no-build-isolation -e ".[test]"``. Parallel compile jobs: ``MAX_JOBS`` (default 2).
+torch must already be installed and visible to the build, so the build runs without pip's build
+isolation: ``pip install torch ninja pybind11 setuptools wheel && pip install --no-build-isolation -e ".[test]"``.
+torch is deliberately not a build requirement in ``pyproject.toml``: an isolated build would
+download a torch of its own and compile against it, not against the torch that will run the
+extension. A build that cannot import torch stops with a message saying so.
+Parallel compile jobs: ``MAX_JOBS`` (default 2).
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOT = Path(__file__).parent
-CSRC = "csrc"
-CPP_SOURCES = ["bindings.cpp", "mlp_cpu.cpp", "spectral_cpu.cpp"]
-CUDA_SOURCES = ["cuda_ops.cpp", "cuda/spectral_kernels.cu", "cuda/reduce_kernels.cu", "cuda/mlp_epilogue_kernels.cu"]
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_build_description():
+    """``isofast/_build.py`` by its path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("isofast_build_description", ROOT / "isofast" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+NO_TORCH = """isofast: torch is not importable in this build environment, so the compiled extension
+cannot be built. Install torch first and build without pip's build isolation:
+
+    pip install torch ninja pybind11 setuptools wheel
+    pip install --no-build-isolation -e .
+
+or ask for a pure-Python install (no C++ extension) with ISOFAST_NO_EXT=1.
+(torch import error: {error})"""
 
 
 def extension_modules():
-    """``(ext_modules, cmdclass)`` for the compiled extension, or empty when it is not built."""
+    """``(ext_modules, cmdclass)`` for the compiled extension, or empty with ``ISOFAST_NO_EXT=1``."""
     if os.environ.get("ISOFAST_NO_EXT") == "1":
         print("isofast: ISOFAST_NO_EXT=1, not building the compiled extension")
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("isofast: torch is not importable (install torch first and use --no-build-isolation); "
-              "building without the compiled extension")
-        return [], {}
-    os.environ.setdefault("MAX_JOBS", "2")
-    flag = os.environ.get("ISOFAST_BUILD_CUDA")
-    with_cuda = flag == "1" if flag is not None else (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None)
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", arch_list)
-    # Build-info macros as bare tokens (bindings.cpp stringifies them); same as isofast/_ext.py.
-    defines = [f"-DISOFAST_TORCH_VERSION_RAW={torch.__version__}"]
-    if with_cuda:
-        archs = ",".join(arch_list.replace(";", " ").replace(",", " ").split()).replace("+", "_")
-        defines += ["-DISOFAST_WITH_CUDA", f"-DISOFAST_CUDA_VERSION_RAW={torch.version.cuda or 'none'}",
-                    f"-DISOFAST_CUDA_ARCHS_RAW={archs}"]
-    sources = [f"{CSRC}/{s}" for s in CPP_SOURCES + (CUDA_SOURCES if with_cuda else [])]
+    except ImportError as exc:
+        raise SystemExit(NO_TORCH.format(error=exc)) from None
+    build = _load_build_description()
+    with_cuda = build.cuda_wanted(torch.version.cuda, cpp_extension.CUDA_HOME)
+    build.prepare_environment(with_cuda)
+    flags = build.compile_flags(torch.__version__, (torch.version.cuda or "none") if with_cuda else None)
     kwargs = dict(
-        name="isofast._C",
-        sources=sources,
-        include_dirs=[str(ROOT / CSRC)],
-        extra_compile_args={"cxx": ["-O3", *defines], "nvcc": ["-O3", *defines]},
+        name=build.AOT_NAME,
+        # setuptools wants sources relative to setup.py.
+        sources=[os.path.relpath(s, ROOT) for s in build.sources(ROOT, with_cuda)],
+        include_dirs=[str(ROOT / build.CSRC)],
+        extra_compile_args={"cxx": flags, "nvcc": flags},
     )
     ext = cpp_extension.CUDAExtension(**kwargs) if with_cuda else cpp_extension.CppExtension(**kwargs)
-    print(f"isofast: building isofast._C ({'CPU + CUDA' if with_cuda else 'CPU'} kernels) with "
-          f"MAX_JOBS={os.environ['MAX_JOBS']}")
-    build = cpp_extension.BuildExtension.with_options(use_ninja=True)
-    return [ext], {"build_ext": build}
+    print(f"isofast: building {build.AOT_NAME} ({'CPU + CUDA' if with_cuda else 'CPU'} kernels) with "
+          f"MAX_JOBS={os.environ['MAX_JOBS']}"
+          + (f", TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else ""))
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()

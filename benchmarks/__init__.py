@@ -6,7 +6,7 @@ Run ``python benchmarks/run.py --quick --out DIR`` (see :mod:`benchmarks.run`). 
 - :mod:`benchmarks.providers`: the competitors (official IRVAE recipe, torch.func, forward_ad,
   vmap exact, isofast backends eager / compiled, JAX);
 - :mod:`benchmarks.timing`: alternating-repetition timer and peak-memory probes;
-- :mod:`benchmarks.flops`: the FLOP model of MATH.md section 5;
+- :mod:`benchmarks.flops`: the FLOP model of docs/maths.md section 5;
 - :mod:`benchmarks.estimator_quality`: Hutchinson variance against the exact metric;
 - :mod:`benchmarks.report`: records, tables and the speed-up plot;
 - :mod:`benchmarks.bench_spectral`: the extension's batched eigenvalues against ``torch.linalg``;

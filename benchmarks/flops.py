@@ -1,4 +1,4 @@
-"""FLOP model of the regulariser for an MLP decoder (MATH.md section 5).
+"""FLOP model of the regulariser for an MLP decoder (docs/maths.md section 5).
 
 ``F`` is one forward pass: ``2 * sum_l d_{l-1} d_l`` FLOPs per sample (GEMMs only; elementwise
 work is not counted). The first-order multi-stream recursion costs, per sample,

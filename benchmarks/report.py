@@ -233,7 +233,7 @@ def markdown(meta: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
              f"commit {meta['commit'][:12]}; load average at start/end {meta.get('load_start')} / {meta.get('load_end')}; "
              f"backends available: {meta.get('backends')}.",
              "Medians over alternating repetitions; speed-up = official fwd+bwd median / provider's; "
-             "GFLOP/s credits every recipe with the floor FLOP count (MATH.md section 5); "
+             "GFLOP/s credits every recipe with the floor FLOP count (docs/maths.md section 5); "
              f"peak memory: {meta.get('mem_method')}; clock: {meta.get('clock', 'wall')}, "
              f"{meta.get('torch_threads')} torch thread(s).", "",
              "## Headline: official recipe vs what `estimator=\"auto\"` runs (fwd+bwd)", "", headline_table(records),

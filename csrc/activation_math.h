@@ -1,6 +1,6 @@
 // Elementwise activations s, s', s'' (isofast/activations.py is the specification; the kind
 // numbering is activations.KINDS). Used per element by the CUDA kernels; the CPU loops use it for
-// the mask kinds only (mlp_cpu.cpp's act_layer evaluates the smooth ones with ATen ops).
+// the mask kinds only (cpu/mlp_stream.cpp's act_layer evaluates the smooth ones with ATen ops).
 #pragma once
 
 #include "isofast_common.h"
@@ -29,9 +29,10 @@ ISOFAST_HD T sigmoid_(T x) {
   return T(1) / (T(1) + mathx::exp_(-x));
 }
 
-// (s, s', s'') of one element; q0, q1 are Activation.params (slope / alpha / beta, threshold).
+// (s, s', s'') of one element. coef, threshold: Activation.params (coef = leaky ReLU slope, ELU
+// alpha or softplus beta; threshold = softplus threshold; 0 where unused).
 template <int KIND, typename T>
-ISOFAST_HD void act_eval(T x, T q0, T q1, T& s, T& d1, T& d2) {
+ISOFAST_HD void act_eval(T x, T coef, T threshold, T& s, T& d1, T& d2) {
   using namespace mathx;
   if (KIND == kIdentity) {
     s = x; d1 = T(1); d2 = T(0);
@@ -40,13 +41,13 @@ ISOFAST_HD void act_eval(T x, T q0, T q1, T& s, T& d1, T& d2) {
     s = pos ? x : T(0); d1 = pos ? T(1) : T(0); d2 = T(0);
   } else if (KIND == kLeakyRelu) {
     const bool pos = x > T(0);
-    s = pos ? x : x * q0; d1 = pos ? T(1) : q0; d2 = T(0);
+    s = pos ? x : x * coef; d1 = pos ? T(1) : coef; d2 = T(0);
   } else if (KIND == kElu) {
     if (x > T(0)) {
       s = x; d1 = T(1); d2 = T(0);
     } else {
-      const T e = q0 * expm1_(x);
-      s = e; d1 = e + q0; d2 = e + q0;
+      const T e = coef * expm1_(x);
+      s = e; d1 = e + coef; d2 = e + coef;
     }
   } else if (KIND == kSilu) {
     const T sg = sigmoid_(x);
@@ -54,12 +55,12 @@ ISOFAST_HD void act_eval(T x, T q0, T q1, T& s, T& d1, T& d2) {
     d1 = sg * (T(1) + x * (T(1) - sg));
     d2 = sg * (T(1) - sg) * (T(2) + x * (T(1) - T(2) * sg));
   } else if (KIND == kSoftplus) {
-    const T bx = x * q0;
-    if (bx > q1) {
+    const T bx = x * coef;
+    if (bx > threshold) {
       s = x; d1 = T(1); d2 = T(0);
     } else {
       const T sg = sigmoid_(bx);
-      s = log1p_(exp_(bx)) / q0; d1 = sg; d2 = q0 * sg * (T(1) - sg);
+      s = log1p_(exp_(bx)) / coef; d1 = sg; d2 = coef * sg * (T(1) - sg);
     }
   } else if (KIND == kTanh) {
     const T t = tanh_(x);
@@ -87,18 +88,18 @@ ISOFAST_HD void act_eval(T x, T q0, T q1, T& s, T& d1, T& d2) {
 
 // Runtime dispatch on the kind code (used per element on the GPU).
 template <typename T>
-ISOFAST_HD void act_eval_dyn(int code, T x, T q0, T q1, T& s, T& d1, T& d2) {
+ISOFAST_HD void act_eval_dyn(int code, T x, T coef, T threshold, T& s, T& d1, T& d2) {
   switch (code) {
-    case kIdentity: act_eval<kIdentity>(x, q0, q1, s, d1, d2); break;
-    case kRelu: act_eval<kRelu>(x, q0, q1, s, d1, d2); break;
-    case kLeakyRelu: act_eval<kLeakyRelu>(x, q0, q1, s, d1, d2); break;
-    case kElu: act_eval<kElu>(x, q0, q1, s, d1, d2); break;
-    case kSilu: act_eval<kSilu>(x, q0, q1, s, d1, d2); break;
-    case kSoftplus: act_eval<kSoftplus>(x, q0, q1, s, d1, d2); break;
-    case kTanh: act_eval<kTanh>(x, q0, q1, s, d1, d2); break;
-    case kSigmoid: act_eval<kSigmoid>(x, q0, q1, s, d1, d2); break;
-    case kGelu: act_eval<kGelu>(x, q0, q1, s, d1, d2); break;
-    default: act_eval<kGeluTanh>(x, q0, q1, s, d1, d2); break;
+    case kIdentity: act_eval<kIdentity>(x, coef, threshold, s, d1, d2); break;
+    case kRelu: act_eval<kRelu>(x, coef, threshold, s, d1, d2); break;
+    case kLeakyRelu: act_eval<kLeakyRelu>(x, coef, threshold, s, d1, d2); break;
+    case kElu: act_eval<kElu>(x, coef, threshold, s, d1, d2); break;
+    case kSilu: act_eval<kSilu>(x, coef, threshold, s, d1, d2); break;
+    case kSoftplus: act_eval<kSoftplus>(x, coef, threshold, s, d1, d2); break;
+    case kTanh: act_eval<kTanh>(x, coef, threshold, s, d1, d2); break;
+    case kSigmoid: act_eval<kSigmoid>(x, coef, threshold, s, d1, d2); break;
+    case kGelu: act_eval<kGelu>(x, coef, threshold, s, d1, d2); break;
+    default: act_eval<kGeluTanh>(x, coef, threshold, s, d1, d2); break;
   }
 }
 

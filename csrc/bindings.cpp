@@ -5,8 +5,12 @@
 
 #include "ops.h"
 
-// Build-info macros arrive as bare tokens (-DISOFAST_TORCH_VERSION_RAW=2.13.0+cpu) and are
-// stringified here; without them the torch headers' numeric version is recorded.
+// The build description (isofast/_build.py) passes the binding ABI number and the build-info
+// macros; the latter arrive as bare tokens (-DISOFAST_TORCH_VERSION_RAW=2.13.0+cpu) and are
+// stringified here. Without them the torch headers' numeric version is recorded.
+#ifndef ISOFAST_ABI_VERSION
+#error "isofast: build the extension through setup.py or isofast._ext (they pass -DISOFAST_ABI_VERSION)"
+#endif
 #define ISOFAST_STR2(x) #x
 #define ISOFAST_STR(x) ISOFAST_STR2(x)
 #ifdef ISOFAST_TORCH_VERSION_RAW
@@ -34,9 +38,9 @@ void register_cuda(pybind11::module_& m);
 
 namespace {
 
-isofast::ActList make_acts(const std::vector<int64_t>& codes, const std::vector<double>& p0,
-                           const std::vector<double>& p1) {
-  return isofast::ActList{codes, p0, p1};
+isofast::ActList make_acts(const std::vector<int64_t>& codes, const std::vector<double>& coefs,
+                           const std::vector<double>& thresholds) {
+  return isofast::ActList{codes, coefs, thresholds};
 }
 
 pybind11::dict build_info() {
@@ -49,7 +53,7 @@ pybind11::dict build_info() {
   d["cuda"] = false;
 #endif
   d["cuda_archs"] = std::string(ISOFAST_CUDA_ARCHS);
-  d["abi_version"] = 1;
+  d["abi_version"] = ISOFAST_ABI_VERSION;
   return d;
 }
 
@@ -62,42 +66,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "mlp_pullback_forward",
       [](const at::Tensor& z, const std::vector<at::Tensor>& w, const std::vector<c10::optional<at::Tensor>>& b,
-         const std::vector<int64_t>& codes, const std::vector<double>& p0, const std::vector<double>& p1) {
-        return isofast::mlp_pullback_forward(z, w, b, make_acts(codes, p0, p1));
+         const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds) {
+        return isofast::mlp_pullback_forward(z, w, b, make_acts(codes, coefs, thresholds));
       },
       "exact pullback metric H (B, m, m) and the tensors its backward needs", pybind11::arg("z"),
-      pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("codes"), pybind11::arg("p0"),
-      pybind11::arg("p1"));
+      pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("codes"), pybind11::arg("coefs"),
+      pybind11::arg("thresholds"));
   m.def(
       "mlp_pullback_backward",
       [](const at::Tensor& g, const std::vector<at::Tensor>& w, const std::vector<bool>& has_bias,
-         const std::vector<int64_t>& codes, const std::vector<double>& p0, const std::vector<double>& p1,
+         const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds,
          const std::vector<at::Tensor>& saved) {
-        return isofast::mlp_pullback_backward(g, w, has_bias, make_acts(codes, p0, p1), saved);
+        return isofast::mlp_pullback_backward(g, w, has_bias, make_acts(codes, coefs, thresholds), saved);
       },
       "(grad_z, grad_weights, grad_biases) of mlp_pullback", pybind11::arg("grad_h"), pybind11::arg("weights"),
-      pybind11::arg("has_bias"), pybind11::arg("codes"), pybind11::arg("p0"), pybind11::arg("p1"),
+      pybind11::arg("has_bias"), pybind11::arg("codes"), pybind11::arg("coefs"), pybind11::arg("thresholds"),
       pybind11::arg("saved"));
   m.def(
       "mlp_hutchinson_forward",
       [](const at::Tensor& z, const at::Tensor& probes, const std::vector<at::Tensor>& w,
          const std::vector<c10::optional<at::Tensor>>& b, const std::vector<int64_t>& codes,
-         const std::vector<double>& p0, const std::vector<double>& p1) {
-        return isofast::mlp_hutchinson_forward(z, probes, w, b, make_acts(codes, p0, p1));
+         const std::vector<double>& coefs, const std::vector<double>& thresholds) {
+        return isofast::mlp_hutchinson_forward(z, probes, w, b, make_acts(codes, coefs, thresholds));
       },
       "Hutchinson statistics (B, K, 2) and the tensors its backward needs", pybind11::arg("z"),
       pybind11::arg("probes"), pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("codes"),
-      pybind11::arg("p0"), pybind11::arg("p1"));
+      pybind11::arg("coefs"), pybind11::arg("thresholds"));
   m.def(
       "mlp_hutchinson_backward",
       [](const at::Tensor& g, const std::vector<at::Tensor>& w, const std::vector<bool>& has_bias,
-         const std::vector<int64_t>& codes, const std::vector<double>& p0, const std::vector<double>& p1,
+         const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds,
          const std::vector<at::Tensor>& saved) {
-        return isofast::mlp_hutchinson_backward(g, w, has_bias, make_acts(codes, p0, p1), saved);
+        return isofast::mlp_hutchinson_backward(g, w, has_bias, make_acts(codes, coefs, thresholds), saved);
       },
       "(grad_z, grad_weights, grad_biases) of mlp_hutchinson", pybind11::arg("grad_stats"),
-      pybind11::arg("weights"), pybind11::arg("has_bias"), pybind11::arg("codes"), pybind11::arg("p0"),
-      pybind11::arg("p1"), pybind11::arg("saved"));
+      pybind11::arg("weights"), pybind11::arg("has_bias"), pybind11::arg("codes"), pybind11::arg("coefs"),
+      pybind11::arg("thresholds"), pybind11::arg("saved"));
 
   m.def("eigvalsh", &isofast::spectral_eigvalsh, "ascending eigenvalues (B, m) of symmetric (B, m, m), m <= 32",
         pybind11::arg("H"));

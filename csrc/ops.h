@@ -1,5 +1,5 @@
-// Declarations of the extension's host-side ops (implemented in mlp_cpu.cpp, spectral_cpu.cpp
-// and, in CUDA builds, cuda_ops.cpp).
+// Declarations of the extension's CPU ops, one file per op in cpu/ (the CUDA build's binding is
+// cuda/cuda_ops.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,10 +12,11 @@ namespace isofast {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-// Activation records of the layers: kind codes and the two parameters (0 where unused).
+// Activation records of the layers: kind codes and the two parameters of activation_math.h's
+// act_eval (0 where unused).
 struct ActList {
   std::vector<int64_t> codes;
-  std::vector<double> p0, p1;
+  std::vector<double> coefs, thresholds;
 };
 
 std::tuple<Tensor, std::vector<Tensor>> mlp_pullback_forward(

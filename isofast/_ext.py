@@ -22,16 +22,17 @@ from types import ModuleType
 
 import torch
 
-#: Bump together with ``abi_version`` in ``csrc/bindings.cpp`` when the binding signatures change.
-ABI_VERSION = 1
+from isofast import _build
+
+#: The binding ABI this isofast expects (see :data:`isofast._build.ABI_VERSION`).
+ABI_VERSION = _build.ABI_VERSION
 #: Name of the module a just-in-time build produces.
-JIT_NAME = "isofast_C"
+JIT_NAME = _build.JIT_NAME
 
 _ROOT = Path(__file__).resolve().parent.parent
-CSRC = _ROOT / "csrc"
-CPP_SOURCES = ("bindings.cpp", "mlp_cpu.cpp", "spectral_cpu.cpp")
-CUDA_SOURCES = ("cuda/spectral_kernels.cu", "cuda/reduce_kernels.cu", "cuda/mlp_epilogue_kernels.cu")
-CUDA_CPP_SOURCES = ("cuda_ops.cpp",)
+CSRC = _ROOT / _build.CSRC
+#: The CUDA kernel sources (what ``isofast doctor --compile-check`` compiles with nvcc).
+CUDA_SOURCES = _build.CUDA_SOURCES
 
 _lock = threading.Lock()
 _state: tuple[ModuleType | None, str] | None = None
@@ -142,35 +143,10 @@ def reset() -> None:
 
 
 def cuda_build_wanted() -> bool:
-    """Whether to compile the CUDA sources: ``ISOFAST_BUILD_CUDA=1`` forces them, ``=0`` skips them,
-    otherwise they are built when torch is a CUDA build and a CUDA toolkit (nvcc) is found."""
-    flag = os.environ.get("ISOFAST_BUILD_CUDA")
-    if flag is not None:
-        return flag == "1"
+    """Whether a build here compiles the CUDA sources (see :func:`isofast._build.cuda_wanted`)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
-
-
-def cuda_arch_list() -> str:
-    """The CUDA architectures a build targets (``TORCH_CUDA_ARCH_LIST`` or 9.0)."""
-    return os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
-
-
-def define_flags(with_cuda: bool) -> list[str]:
-    """Preprocessor flags recording what the extension is built against (see ``build_info``)."""
-    return build_defines(torch.__version__, (torch.version.cuda or "none") if with_cuda else None, cuda_arch_list())
-
-
-def build_defines(torch_version: str, cuda_version: str | None, arch_list: str) -> list[str]:
-    """``-D`` flags of the build-info macros. Values travel as bare tokens that ``bindings.cpp``
-    stringifies (quoted strings do not survive every shell / ninja layer)."""
-    flags = [f"-DISOFAST_TORCH_VERSION_RAW={torch_version}"]
-    if cuda_version is not None:
-        archs = ",".join(a for a in arch_list.replace(";", " ").replace(",", " ").split() if a)
-        flags += ["-DISOFAST_WITH_CUDA", f"-DISOFAST_CUDA_VERSION_RAW={cuda_version}",
-                  f"-DISOFAST_CUDA_ARCHS_RAW={archs.replace('+', '_')}"]
-    return flags
+    return _build.cuda_wanted(torch.version.cuda, CUDA_HOME)
 
 
 def _compile_here(verbose: bool = False) -> None:
@@ -178,18 +154,15 @@ def _compile_here(verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
     with_cuda = cuda_build_wanted()
-    sources = [str(CSRC / s) for s in CPP_SOURCES]
-    if with_cuda:
-        sources += [str(CSRC / s) for s in CUDA_CPP_SOURCES + CUDA_SOURCES]
+    _build.prepare_environment(with_cuda)
+    flags = _build.compile_flags(torch.__version__, (torch.version.cuda or "none") if with_cuda else None)
     folder = jit_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MAX_JOBS", "2")
-    defines = define_flags(with_cuda)
     cpp_extension.load(
         name=JIT_NAME,
-        sources=sources,
-        extra_cflags=["-O3", *defines],
-        extra_cuda_cflags=["-O3", *defines],
+        sources=_build.sources(CSRC.parent, with_cuda),
+        extra_cflags=flags,
+        extra_cuda_cflags=flags,
         extra_include_paths=[str(CSRC)],
         build_directory=str(folder),
         with_cuda=with_cuda,

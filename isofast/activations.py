@@ -1,6 +1,6 @@
 """Elementwise activations the fused MLP path understands, with first and second derivatives.
 
-The multi-stream recursion (MATH.md section 4) gates tangent streams with ``s'(a)`` and its
+The multi-stream recursion (docs/maths.md section 4) gates tangent streams with ``s'(a)`` and its
 backward needs ``s''(a)``. Each activation is described once here; every backend (the torch
 twin, the C++ and Triton kernels) reads the same :class:`Activation` record, whose ``kind``
 string and ``params`` tuple are what kernels switch on.
@@ -49,6 +49,13 @@ class Activation:
     def code(self) -> int:
         """Integer id of the kind, as kernels switch on it."""
         return KINDS.index(self.kind)
+
+    @property
+    def kernel_params(self) -> tuple[float, float]:
+        """``(coef, threshold)`` as the compiled kernels take them: ``params`` padded with zeros
+        (``coef`` = negative slope, alpha or beta; ``threshold`` = softplus threshold)."""
+        padded = tuple(float(x) for x in self.params) + (0.0, 0.0)
+        return padded[0], padded[1]
 
     @property
     def has_second_derivative(self) -> bool:

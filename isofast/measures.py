@@ -1,4 +1,4 @@
-"""The distortion measures of the geometry-preserving hierarchy (MATH.md section 2).
+"""The distortion measures of the geometry-preserving hierarchy (docs/maths.md section 2).
 
 Each measure is a function of per-sample statistics of the pullback metric ``H_b``: the traces
 ``Tr H_b`` and ``Tr H_b^2`` (all that Hutchinson probes can estimate) or ``H_b`` itself (exact).

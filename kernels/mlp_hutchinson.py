@@ -5,7 +5,7 @@ the last layer's epilogue adds ``||J v_k||^2`` into ``stats[..., 0]``. The VJP c
 ``c_{l-1} = (s'(p_l) c_l) W_l`` from ``c_L = J v`` runs the dgrad kernel with the tangent-only
 gating prologue; its last step adds ``||J^T J v_k||^2`` into ``stats[..., 1]``.
 
-Backward (MATH.md section 4, "Hutchinson VJP chain"): for ``l = 1..L``,
+Backward (docs/maths.md section 4, "the Hutchinson VJP chain"): for ``l = 1..L``,
 :func:`mlp_hutchinson_chain_bwd_kernel` computes ``gbar_l = cbar_{l-1} W_l^T`` with the epilogue
 ``cbar_l = s'(p_l) gbar_l`` and ``pbar_l = s''(p_l) sum_k c_l[k] gbar_l[k]`` (it owns all ``K``
 streams of its samples), the wgrad kernel adds ``(s'(p_l) c_l)^T cbar_{l-1}`` into ``Wbar_l``; the
@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import mlp_stream as ms
+from .launch import act_kwargs, dummy, stream_launch
 from .mlp_pullback import grad_buffers, stream_backward
 from .mlp_stream import act_fn, rows_times_wt
 
@@ -27,7 +28,7 @@ from .mlp_stream import act_fn, rows_times_wt
 @triton.jit
 def mlp_hutchinson_chain_bwd_kernel(
     gc_ptr, w_ptr, p_ptr, c_ptr, t_ptr, gs_ptr, out_ptr, px_ptr,
-    B, N, KD, P0, P1,
+    B, N, KD, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, HAS_D2: tl.constexpr, LAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -45,7 +46,7 @@ def mlp_hutchinson_chain_bwd_kernel(
     off2 = b[:, None].to(tl.int64) * N + n[None, :]
     off3 = sid.to(tl.int64) * B * N + b[None, :, None].to(tl.int64) * N + n[None, None, :]
     p = tl.load(p_ptr + off2, mask=ok2, other=0.0).to(tl.float32)
-    _, d1, d2 = act_fn(p, ACT, P0, P1)
+    _, d1, d2 = act_fn(p, ACT, coef, threshold)
     out = d1[None, :, :] * a3
     if HAS_D2:
         c = tl.load(c_ptr + off3, mask=ok3, other=0.0).to(tl.float32)
@@ -74,16 +75,11 @@ def mlp_hutchinson_chain_backward(gc, w, p, c, act, *, last: bool, t=None, grad_
         out = torch.empty(ns, bsz, n, device=gc.device, dtype=gc.dtype)
     has_d2 = act.has_second_derivative
     px = torch.empty(bsz, n, device=gc.device, dtype=torch.float32) if has_d2 else None
-    nsp, bm = ms.row_tiles(ns, bsz)
-    bn, bk = ms.col_tile(n), ms.col_tile(kd, 32)
-    code, p0, p1 = ms.act_args(act)
-    d = ms._dummy(gc)
-    grid = (triton.cdiv(bsz, bm), triton.cdiv(n, bn))
+    grid, meta = stream_launch(ns, bsz, n, kd)
+    d = dummy(gc)
     mlp_hutchinson_chain_bwd_kernel[grid](
         gc, w, p, c, t if last else d, grad_stats if last else d, out, px if has_d2 else d,
-        bsz, n, kd, p0, p1,
-        NS=ns, NSP=nsp, ACT=code, HAS_D2=has_d2, LAST=last, BM=bm, BN=bn, BK=bk, PREC=prec,
-        num_warps=ms._num_warps(nsp * bm, bn),
+        bsz, n, kd, **act_kwargs(act), HAS_D2=has_d2, LAST=last, PREC=prec, **meta,
     )
     return out, px
 

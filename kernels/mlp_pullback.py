@@ -18,27 +18,27 @@ import torch
 import triton
 import triton.language as tl
 
+from isofast.backends.torch_backend import identity_seeds
+
 from . import mlp_stream as ms
+from .launch import act_kwargs, dummy, stream_launch
 from .mlp_stream import act_fn, layer_tile, pick
 
 
 @triton.jit
 def mlp_pullback_gram_kernel(
     x_ptr, w_ptr, bias_ptr, gram_ptr,
-    B, N, KD, P0, P1,
+    B, N, KD, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``gram[b, k, k'] += <T_k, T_k'>`` over this column tile, ``T_k = s'(p) A[k]``, ``K = NS - 1``."""
-    b0 = tl.program_id(0) * BM
-    n0 = tl.program_id(1) * BN
-    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
-    sid = tl.arange(0, NSP)[:, None, None]
-    _, d1, _ = act_fn(p, ACT, P0, P1)
+    a3, p, sid, b, _ = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
+    _, d1, _ = act_fn(p, ACT, coef, threshold)
     # Padded columns hold p = 0 and A = 0, so they contribute nothing.
     tg = tl.where((sid >= 1) & (sid < NS), d1[None, :, :] * a3, 0.0)
     s2 = tl.arange(0, NSP)[:, None]
-    b2 = b0 + tl.arange(0, BM)[None, :]
+    b2 = b[None, :]
     ok = (s2 >= 1) & (s2 < NS) & (b2 < B)
     for k in tl.static_range(1, NS):
         tk = pick(tg, sid, k)
@@ -49,18 +49,13 @@ def mlp_pullback_gram_kernel(
 @triton.jit
 def mlp_pullback_gram_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, gh_ptr, abar_ptr,
-    B, N, KD, P0, P1,
+    B, N, KD, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D2: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """``abar (NS, B, N)``: the last layer's pre-activation gradient given ``Hbar = gh (B, K, K)``."""
-    b0 = tl.program_id(0) * BM
-    n0 = tl.program_id(1) * BN
-    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
-    sid = tl.arange(0, NSP)[:, None, None]
-    b = b0 + tl.arange(0, BM)
-    n = n0 + tl.arange(0, BN)
-    _, d1, d2 = act_fn(p, ACT, P0, P1)
+    a3, p, sid, b, n = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
+    _, d1, d2 = act_fn(p, ACT, coef, threshold)
     s2 = tl.arange(0, NSP)[:, None]
     b2 = b[None, :]
     ok = (s2 >= 1) & (s2 < NS) & (b2 < B)
@@ -90,14 +85,10 @@ def mlp_pullback_gram(x, w, bias, act, prec: int = 0):
     ns, bsz, kd = x.shape
     n = w.shape[0]
     gram = torch.zeros(bsz, ns - 1, ns - 1, device=x.device, dtype=torch.float32)
-    nsp, bm = ms.row_tiles(ns, bsz)
-    bn, bk = ms.col_tile(n), ms.col_tile(kd, 32)
-    code, p0, p1 = ms.act_args(act)
-    grid = (triton.cdiv(bsz, bm), triton.cdiv(n, bn))
+    grid, meta = stream_launch(ns, bsz, n, kd)
     mlp_pullback_gram_kernel[grid](
-        x, w, bias if bias is not None else ms._dummy(x), gram, bsz, n, kd, p0, p1,
-        NS=ns, NSP=nsp, ACT=code, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk, PREC=prec,
-        num_warps=ms._num_warps(nsp * bm, bn),
+        x, w, bias if bias is not None else dummy(x), gram, bsz, n, kd, **act_kwargs(act),
+        HAS_BIAS=bias is not None, PREC=prec, **meta,
     )
     return gram
 
@@ -109,26 +100,16 @@ def mlp_pullback_gram_backward(x, w, bias, act, grad_h, prec: int = 0):
     abar = torch.empty(ns, bsz, n, device=x.device, dtype=x.dtype)
     if not act.has_second_derivative:
         abar[0].zero_()
-    nsp, bm = ms.row_tiles(ns, bsz)
-    bn, bk = ms.col_tile(n), ms.col_tile(kd, 32)
-    code, p0, p1 = ms.act_args(act)
-    grid = (triton.cdiv(bsz, bm), triton.cdiv(n, bn))
+    grid, meta = stream_launch(ns, bsz, n, kd)
     mlp_pullback_gram_bwd_kernel[grid](
-        x, w, bias if bias is not None else ms._dummy(x), grad_h, abar, bsz, n, kd, p0, p1,
-        NS=ns, NSP=nsp, ACT=code, HAS_BIAS=bias is not None, HAS_D2=act.has_second_derivative,
-        BM=bm, BN=bn, BK=bk, PREC=prec, num_warps=ms._num_warps(nsp * bm, bn),
+        x, w, bias if bias is not None else dummy(x), grad_h, abar, bsz, n, kd, **act_kwargs(act),
+        HAS_BIAS=bias is not None, HAS_D2=act.has_second_derivative, PREC=prec, **meta,
     )
     return abar
 
 
 # --------------------------------------------------------------------------------------------
 # the op
-
-
-def identity_seeds(z: torch.Tensor) -> torch.Tensor:
-    bsz, m = z.shape
-    eye = torch.eye(m, dtype=z.dtype, device=z.device).unsqueeze(1).expand(m, bsz, m)
-    return torch.cat([z.unsqueeze(0), eye], dim=0)
 
 
 def mlp_pullback_forward(z, weights, biases, acts, prec: int = 0):

@@ -1,4 +1,4 @@
-"""The multi-stream linear layer (MATH.md section 4) as Triton kernels, and their launchers.
+"""The multi-stream linear layer (docs/maths.md section 4) as Triton kernels, and their launchers.
 
 Streams are stored stream-major, ``S (NS, B, d)`` with stream 0 the primal (the layout of the
 torch twin). Every kernel tiles the rows so that one program owns a block of ``BM`` samples *in
@@ -18,16 +18,18 @@ Kernels (the op-specific ones live in ``mlp_pullback.py`` and ``mlp_hutchinson.p
   and ``bbar += sum_b Abar[0]``, with the same prologue fused in.
 
 Precision (constexpr ``PREC``): 0 = fp32 operands with ieee fp32 products (the default), 1 = tf32
-tensor cores, 2 = bf16 operands. Accumulation is always fp32.
+tensor cores, 2 = bf16 operands (the index of the mode in :data:`isofast.backends.PRECISIONS`).
+Accumulation is always fp32. Activation arguments: ``ACT`` (constexpr kind code), ``coef`` and
+``threshold`` (:func:`launch.act_kwargs`). Tiles, grids and warps: :mod:`launch`.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-#: ``PREC`` codes of the kernels, by the names :func:`isofast.backends.precision` takes.
-PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
+from .launch import act_kwargs, col_tile, dummy, interpreting, num_warps, row_tiles, sm_count, stream_launch
 
 #: Prologue codes of the dgrad / wgrad kernels: how ``Abar`` is formed from the loaded gradient.
 PRO_NONE = 0  # the loaded tensor is Abar already
@@ -36,7 +38,7 @@ PRO_TANGENT = 2  # tangent-only rows (Hutchinson cotangents): Abar = s'(p) G
 
 #: Triton's interpreter (3.x) returns garbage for bf16 ``tl.dot``: there, bf16 operands are
 #: emulated by rounding to bf16 and multiplying in fp32 (same products, exact fp32 accumulation).
-_EMULATE_BF16 = tl.constexpr(__import__("os").environ.get("TRITON_INTERPRET") == "1")
+_EMULATE_BF16 = tl.constexpr(interpreting())
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,7 +54,7 @@ def _tanh(x):
 
 
 @triton.jit
-def act_fn(a, ACT: tl.constexpr, P0, P1):
+def act_fn(a, ACT: tl.constexpr, coef, threshold):
     """``(s(a), s'(a), s''(a))`` for activation code ``ACT`` (isofast.activations.KINDS order)."""
     zero = tl.zeros_like(a)
     one = zero + 1.0
@@ -61,24 +63,24 @@ def act_fn(a, ACT: tl.constexpr, P0, P1):
     elif ACT == 1:  # relu
         pos = a > 0
         v, d1, d2 = tl.where(pos, a, zero), tl.where(pos, one, zero), zero
-    elif ACT == 2:  # leaky_relu(P0 = negative slope)
+    elif ACT == 2:  # leaky_relu(coef = negative slope)
         pos = a > 0
-        v, d1, d2 = tl.where(pos, a, a * P0), tl.where(pos, one, one * P0), zero
-    elif ACT == 3:  # elu(P0 = alpha)
+        v, d1, d2 = tl.where(pos, a, a * coef), tl.where(pos, one, one * coef), zero
+    elif ACT == 3:  # elu(coef = alpha)
         pos = a > 0
-        e = P0 * (tl.exp(tl.minimum(a, zero)) - 1.0)
-        v, d1, d2 = tl.where(pos, a, e), tl.where(pos, one, e + P0), tl.where(pos, zero, e + P0)
+        e = coef * (tl.exp(tl.minimum(a, zero)) - 1.0)
+        v, d1, d2 = tl.where(pos, a, e), tl.where(pos, one, e + coef), tl.where(pos, zero, e + coef)
     elif ACT == 4:  # silu
         sg = tl.sigmoid(a)
         v = a * sg
         d1 = sg * (1.0 + a * (1.0 - sg))
         d2 = sg * (1.0 - sg) * (2.0 + a * (1.0 - 2.0 * sg))
-    elif ACT == 5:  # softplus(P0 = beta, P1 = threshold)
-        x = a * P0
-        lin = x > P1
+    elif ACT == 5:  # softplus(coef = beta, threshold = threshold)
+        x = a * coef
+        lin = x > threshold
         sg = tl.sigmoid(x)
-        sp = (tl.maximum(x, zero) + tl.log(1.0 + tl.exp(-tl.abs(x)))) / P0
-        v, d1, d2 = tl.where(lin, a, sp), tl.where(lin, one, sg), tl.where(lin, zero, P0 * sg * (1.0 - sg))
+        sp = (tl.maximum(x, zero) + tl.log(1.0 + tl.exp(-tl.abs(x)))) / coef
+        v, d1, d2 = tl.where(lin, a, sp), tl.where(lin, one, sg), tl.where(lin, zero, coef * sg * (1.0 - sg))
     elif ACT == 6:  # tanh
         t = _tanh(a)
         d1 = 1.0 - t * t
@@ -149,21 +151,26 @@ def pick(x3, sid, k):
 
 
 @triton.jit
-def layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS: tl.constexpr, NSP: tl.constexpr,
-               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """One layer's pre-activations on a tile of samples ``b0 ..`` and columns ``n0 ..``:
-    ``a3 (NSP, BM, BN)`` for every stream and the primal ``p = A[0] + bias (BM, BN)``."""
+def layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS: tl.constexpr, NSP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """This program's tile of one layer's pre-activations, for the samples ``b (BM,)`` and columns
+    ``n (BN,)`` its program ids select: ``(a3, p, sid, b, n)`` with ``a3 (NSP, BM, BN)`` every
+    stream's ``A``, ``p = A[0] + bias (BM, BN)`` the primal and ``sid (NSP, 1, 1)`` the stream index."""
+    b0 = tl.program_id(0) * BM
+    n0 = tl.program_id(1) * BN
     a3 = tl.reshape(rows_times_wt(x_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC), (NSP, BM, BN))
-    p = pick(a3, tl.arange(0, NSP)[:, None, None], 0)
+    sid = tl.arange(0, NSP)[:, None, None]
+    p = pick(a3, sid, 0)
+    b = b0 + tl.arange(0, BM)
+    n = n0 + tl.arange(0, BN)
     if HAS_BIAS:
-        n = n0 + tl.arange(0, BN)
         p += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    return a3, p
+    return a3, p, sid, b, n
 
 
 @triton.jit
 def gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, c0, B, C, NS: tl.constexpr, NSP: tl.constexpr,
-               BM: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, P0, P1, PRO: tl.constexpr,
+               BM: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, coef, threshold, PRO: tl.constexpr,
                HAS_T: tl.constexpr, HAS_PX: tl.constexpr):
     """The backward prologue: ``Abar`` of samples ``b0..`` and columns ``c0..`` as ``(NSP, BM, BC)``
     from the gradient ``G (NS, B, C)`` of the layer's output streams (see ``PRO_*``)."""
@@ -180,7 +187,7 @@ def gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, c0, B, C, NS: tl.constexpr, NSP:
         abar = g
     else:
         p = tl.load(p_ptr + off2, mask=ok2, other=0.0).to(tl.float32)
-        _, d1, d2 = act_fn(p, ACT, P0, P1)
+        _, d1, d2 = act_fn(p, ACT, coef, threshold)
         abar = d1[None, :, :] * g
         if PRO == 1:
             extra = tl.zeros_like(p)
@@ -202,20 +209,15 @@ def gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, c0, B, C, NS: tl.constexpr, NSP:
 @triton.jit
 def mlp_stream_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, p_ptr, t_ptr, stats_ptr,
-    B, N, KD, P0, P1,
+    B, N, KD, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     SAVE_P: tl.constexpr, SAVE_T: tl.constexpr, STATS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     """One multi-stream layer: ``out[0] = s(p)``, ``out[k] = s'(p) A[k]`` with ``p = A[0] + b``."""
-    b0 = tl.program_id(0) * BM
-    n0 = tl.program_id(1) * BN
-    a3, p = layer_tile(x_ptr, w_ptr, bias_ptr, b0, n0, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
-    sid = tl.arange(0, NSP)[:, None, None]
-    b = b0 + tl.arange(0, BM)
-    n = n0 + tl.arange(0, BN)
+    a3, p, sid, b, n = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     ok2 = (b[:, None] < B) & (n[None, :] < N)
-    v, d1, _ = act_fn(p, ACT, P0, P1)
+    v, d1, _ = act_fn(p, ACT, coef, threshold)
     out = tl.where(sid == 0, v[None, :, :], d1[None, :, :] * a3)
     off3 = sid.to(tl.int64) * B * N + b[None, :, None].to(tl.int64) * N + n[None, None, :]
     ok3 = (sid < NS) & ok2[None, :, :]
@@ -235,7 +237,7 @@ def mlp_stream_fwd_kernel(
 @triton.jit
 def mlp_stream_dgrad_kernel(
     g_ptr, p_ptr, t_ptr, px_ptr, w_ptr, out_ptr, stats_ptr,
-    B, N, J, P0, P1,
+    B, N, J, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, PRO: tl.constexpr,
     HAS_T: tl.constexpr, HAS_PX: tl.constexpr, PRIMAL_ONLY: tl.constexpr, STATS: tl.constexpr,
     BM: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
@@ -249,7 +251,8 @@ def mlp_stream_dgrad_kernel(
     j_ok = j < J
     acc = tl.zeros((NSP * BM, BJ), dtype=tl.float32)
     for k0 in range(0, N, BK):
-        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, k0, B, N, NS, NSP, BM, BK, ACT, P0, P1, PRO, HAS_T, HAS_PX)
+        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, k0, B, N, NS, NSP, BM, BK, ACT, coef, threshold, PRO,
+                          HAS_T, HAS_PX)
         k = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + k[:, None].to(tl.int64) * J + j[None, :], mask=(k[:, None] < N) & j_ok[None, :], other=0.0)
         acc = mma(tl.reshape(abar, (NSP * BM, BK)), w, acc, PREC)
@@ -273,7 +276,7 @@ def mlp_stream_dgrad_kernel(
 @triton.jit
 def mlp_stream_wgrad_kernel(
     g_ptr, p_ptr, t_ptr, px_ptr, x_ptr, wgrad_ptr, bgrad_ptr,
-    B, N, J, BLOCKS_PER_SPLIT, P0, P1,
+    B, N, J, BLOCKS_PER_SPLIT, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, PRO: tl.constexpr,
     HAS_T: tl.constexpr, HAS_PX: tl.constexpr, HAS_BIAS: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, PREC: tl.constexpr,
@@ -292,7 +295,8 @@ def mlp_stream_wgrad_kernel(
     sid = tl.arange(0, NSP)[:, None, None]
     for blk in range(split * BLOCKS_PER_SPLIT, (split + 1) * BLOCKS_PER_SPLIT):
         b0 = blk * BM
-        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, n0, B, N, NS, NSP, BM, BN, ACT, P0, P1, PRO, HAS_T, HAS_PX)
+        abar = gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, n0, B, N, NS, NSP, BM, BN, ACT, coef, threshold, PRO,
+                          HAS_T, HAS_PX)
         b = b0 + r % BM
         row_ok = (s < NS) & (b < B)
         x = tl.load(x_ptr + s[:, None].to(tl.int64) * B * J + b[:, None].to(tl.int64) * J + j[None, :],
@@ -307,54 +311,7 @@ def mlp_stream_wgrad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# launchers (host side: shapes and grids only, no device synchronisation)
-
-import os as _os  # noqa: E402
-
-import torch  # noqa: E402
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return _os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _p2(x: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(1, int(x))))
-
-
-def row_tiles(ns: int, bsz: int) -> tuple[int, int]:
-    """``(NSP, BM)``: padded stream count and samples per program; ``NSP * BM >= 16`` rows.
-
-    On a GPU a program owns 64 stacked rows (128 at large batch); under the interpreter one
-    program takes as many samples as possible (each program instance costs interpreter time)."""
-    nsp = _p2(ns)
-    if interpreting():
-        rows = min(256, max(16, _p2(ns * bsz)))
-    else:
-        rows = 128 if bsz * ns >= 32768 else 64
-        rows = max(rows, 16 * ((nsp + 15) // 16))
-    return nsp, max(1, rows // nsp)
-
-
-def col_tile(n: int, cap: int = 64) -> int:
-    """A column / contraction tile: a power of two in ``[16, cap]`` (whole width under the interpreter)."""
-    cap = 128 if interpreting() else cap
-    return min(cap, _p2(n, 16))
-
-
-def _num_warps(rows: int, cols: int) -> int:
-    return 8 if rows * cols >= 128 * 128 else 4
-
-
-def act_args(act) -> tuple[int, float, float]:
-    """``(ACT, P0, P1)`` kernel arguments of an :class:`isofast.activations.Activation`."""
-    params = tuple(float(x) for x in act.params) + (0.0, 0.0)
-    return act.code, params[0], params[1]
-
-
-def _dummy(ref: torch.Tensor) -> torch.Tensor:
-    return torch.empty(1, device=ref.device, dtype=torch.float32)
+# launchers
 
 
 def mlp_stream_forward(x, w, bias, act, *, save_t: bool, stats=None, prec: int = 0):
@@ -367,16 +324,12 @@ def mlp_stream_forward(x, w, bias, act, *, save_t: bool, stats=None, prec: int =
     out = torch.empty(ns, bsz, n, device=x.device, dtype=x.dtype)
     p = torch.empty(bsz, n, device=x.device, dtype=x.dtype)
     t = torch.empty(ns - 1, bsz, n, device=x.device, dtype=x.dtype) if save_t else x.new_empty(0)
-    nsp, bm = row_tiles(ns, bsz)
-    bn, bk = col_tile(n), col_tile(kd, 32)
-    code, p0, p1 = act_args(act)
-    grid = (triton.cdiv(bsz, bm), triton.cdiv(n, bn))
+    grid, meta = stream_launch(ns, bsz, n, kd)
+    d = dummy(x)
     mlp_stream_fwd_kernel[grid](
-        x, w, bias if bias is not None else _dummy(x), out, p, t if save_t else _dummy(x),
-        stats if stats is not None else _dummy(x),
-        bsz, n, kd, p0, p1,
-        NS=ns, NSP=nsp, ACT=code, HAS_BIAS=bias is not None, SAVE_P=True, SAVE_T=save_t,
-        STATS=stats is not None, BM=bm, BN=bn, BK=bk, PREC=prec, num_warps=_num_warps(nsp * bm, bn),
+        x, w, bias if bias is not None else d, out, p, t if save_t else d, stats if stats is not None else d,
+        bsz, n, kd, **act_kwargs(act), HAS_BIAS=bias is not None, SAVE_P=True, SAVE_T=save_t,
+        STATS=stats is not None, PREC=prec, **meta,
     )
     return out, p, t
 
@@ -391,32 +344,16 @@ def mlp_stream_dgrad(g, w, act, *, pro: int, p=None, t=None, px=None, primal_onl
     jw = w.shape[1]
     shape = (bsz, jw) if primal_only else (ns, bsz, jw)
     out = torch.empty(shape, device=g.device, dtype=g.dtype)
-    nsp, bm = row_tiles(ns, bsz)
-    bj, bk = col_tile(jw), col_tile(n, 32)
-    code, p0, p1 = act_args(act)
     has_t = t is not None and t.numel() > 0
-    d = _dummy(g)
-    grid = (triton.cdiv(bsz, bm), triton.cdiv(jw, bj))
+    grid, meta = stream_launch(ns, bsz, jw, n, out="BJ")
+    d = dummy(g)
     mlp_stream_dgrad_kernel[grid](
         g, p if p is not None else d, t if has_t else d, px if px is not None else d, w, out,
         stats if stats is not None else d,
-        bsz, n, jw, p0, p1,
-        NS=ns, NSP=nsp, ACT=code, PRO=pro, HAS_T=has_t, HAS_PX=px is not None, PRIMAL_ONLY=primal_only,
-        STATS=stats is not None, BM=bm, BJ=bj, BK=bk, PREC=prec, num_warps=_num_warps(nsp * bm, bj),
+        bsz, n, jw, **act_kwargs(act), PRO=pro, HAS_T=has_t, HAS_PX=px is not None, PRIMAL_ONLY=primal_only,
+        STATS=stats is not None, PREC=prec, **meta,
     )
     return out
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def mlp_stream_wgrad(g, x, act, wgrad, bgrad=None, *, pro: int, p=None, t=None, px=None, prec: int = 0):
@@ -427,20 +364,19 @@ def mlp_stream_wgrad(g, x, act, wgrad, bgrad=None, *, pro: int, p=None, t=None, 
     jw = x.shape[2]
     nsp, bm = row_tiles(ns, bsz)
     bn, bj = col_tile(n), col_tile(jw)
-    code, p0, p1 = act_args(act)
     has_t = t is not None and t.numel() > 0
-    d = _dummy(g)
+    d = dummy(g)
     blocks = triton.cdiv(bsz, bm)
     tiles = triton.cdiv(n, bn) * triton.cdiv(jw, bj)
     # Split the row blocks so that about two waves of programs fill the GPU.
-    split = 1 if interpreting() else max(1, min(blocks, (2 * _sm_count(g.device)) // tiles))
+    split = 1 if interpreting() else max(1, min(blocks, (2 * sm_count(g.device)) // tiles))
     per = triton.cdiv(blocks, split)
     split = triton.cdiv(blocks, per)
     grid = (triton.cdiv(n, bn), triton.cdiv(jw, bj), split)
     mlp_stream_wgrad_kernel[grid](
         g, p if p is not None else d, t if has_t else d, px if px is not None else d, x, wgrad,
         bgrad if bgrad is not None else d,
-        bsz, n, jw, per, p0, p1,
-        NS=ns, NSP=nsp, ACT=code, PRO=pro, HAS_T=has_t, HAS_PX=px is not None, HAS_BIAS=bgrad is not None,
-        BM=bm, BN=bn, BJ=bj, PREC=prec, num_warps=_num_warps(bn, bj),
+        bsz, n, jw, per, **act_kwargs(act),
+        NS=ns, NSP=nsp, PRO=pro, HAS_T=has_t, HAS_PX=px is not None, HAS_BIAS=bgrad is not None,
+        BM=bm, BN=bn, BJ=bj, PREC=prec, num_warps=num_warps(bn, bj),
     )

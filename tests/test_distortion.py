@@ -20,7 +20,7 @@ from isofast.baselines import official_relaxed_distortion
 
 
 def reference_measure(measure: str, h: torch.Tensor) -> torch.Tensor:
-    """The definitions of MATH.md section 2, written out independently of isofast.measures."""
+    """The definitions of docs/maths.md section 2, written out independently of isofast.measures."""
     m = h.shape[-1]
     eye = torch.eye(m, dtype=h.dtype)
     tr = torch.einsum("bii->b", h)

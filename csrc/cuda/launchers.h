@@ -1,6 +1,6 @@
 // Host-side launchers of the CUDA kernels: plain C++ over raw device pointers and a stream, so
 // the .cu files need only <cuda_runtime.h> and the shared math headers (no torch, no cuBLAS);
-// the torch binding lives in ../cuda_ops.cpp. Each returns the launch's cudaError_t.
+// the torch binding lives in cuda_ops.cpp. Each returns the launch's cudaError_t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,14 +30,14 @@ template <typename T, typename Acc>
 cudaError_t sqnorm(const T* X, Acc* out, int64_t B, int K, int64_t D, cudaStream_t stream);
 
 // Fused MLP epilogues on the stream-major layout (1 + K blocks of B rows of width d); see
-// ../mlp_cpu.cpp for the math. A's first B rows become p = A_0 + bias in place.
+// ../cpu/mlp_stream.h for the math. A's first B rows become p = A_0 + bias in place.
 template <typename T>
-cudaError_t mlp_forward_epilogue(T* A, const T* bias, T* S, int64_t K, int64_t B, int64_t d, int code, double q0,
-                                 double q1, bool write_primal, cudaStream_t stream);
+cudaError_t mlp_forward_epilogue(T* A, const T* bias, T* S, int64_t K, int64_t B, int64_t d, int code, double coef,
+                                 double threshold, bool write_primal, cudaStream_t stream);
 // In place on Sb: Abar_k = s'(p) Sbar_k, Abar_0 = s'(p) Sbar_0 + s''(p) sum_k A_k Sbar_k + extra.
 template <typename T>
 cudaError_t mlp_backward_prologue(const T* A, T* Sb, const T* extra, int64_t K, int64_t B, int64_t d, int code,
-                                  double q0, double q1, cudaStream_t stream);
+                                  double coef, double threshold, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace isofast

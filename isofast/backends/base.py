@@ -27,7 +27,7 @@ from torch import Tensor
 from isofast.activations import Activation
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype traces, Grams and losses accumulate in: float32 or wider (MATH.md section 7)."""
+    """The dtype traces, Grams and losses accumulate in: float32 or wider (docs/maths.md section 7)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -1,4 +1,4 @@
-"""The ``"cpu"`` backend: the fused MLP ops of ``csrc/mlp_cpu.cpp`` (C++ extension, CPU tensors).
+"""The ``"cpu"`` backend: the fused MLP ops of ``csrc/cpu/`` (``mlp_pullback.cpp``, ``mlp_hutchinson.cpp``) (C++ extension, CPU tensors).
 
 Same contract and the same stream-major layout as :mod:`isofast.backends.torch_backend` (its
 test oracle); float32 and float64. The ops run in C++: one ATen GEMM per layer over the stacked
@@ -22,15 +22,10 @@ from isofast.backends.base import Backend
 
 
 def act_args(acts) -> tuple[list[int], list[float], list[float]]:
-    """``(codes, p0, p1)``: the activation records as the C++ ops take them."""
-    codes, p0, p1 = [], [], []
-    for act in acts:
-        assert isinstance(act, Activation)
-        params = tuple(float(x) for x in act.params) + (0.0, 0.0)
-        codes.append(act.code)
-        p0.append(params[0])
-        p1.append(params[1])
-    return codes, p0, p1
+    """``(codes, coefs, thresholds)``: the activation records as the C++ ops take them."""
+    assert all(isinstance(act, Activation) for act in acts)
+    params = [act.kernel_params for act in acts]
+    return [act.code for act in acts], [c for c, _ in params], [t for _, t in params]
 
 
 def _grads(grad_z, grad_w, grad_b, has_bias):

@@ -26,7 +26,7 @@ import torch
 from isofast import _ext, compile_stats
 from isofast.backends.base import CompileResult
 from isofast.backends.cpu_backend import act_args
-from isofast.backends.torch_backend import TorchBackend
+from isofast.backends.torch_backend import TorchBackend, identity_seeds
 
 #: GPU target of :meth:`CudaBackend.compile_check`.
 COMPILE_CHECK_ARCH = "sm_90"
@@ -125,8 +125,7 @@ class CudaBackend(TorchBackend):
         ext = _ext.get()
         codes, p0, p1 = act_args(acts)
         bsz, m = z.shape
-        eye = torch.eye(m, dtype=z.dtype, device=z.device).unsqueeze(1).expand(m, bsz, m)
-        s = torch.cat([z.unsqueeze(0), eye], dim=0).reshape((m + 1) * bsz, m)
+        s = identity_seeds(z).reshape((m + 1) * bsz, m)
         saved: list[torch.Tensor] = []
         n_layers = len(weights)
         for l, (w, b) in enumerate(zip(weights, biases)):

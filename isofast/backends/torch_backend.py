@@ -1,4 +1,4 @@
-"""The pure-PyTorch twin of the fused MLP ops (MATH.md section 4).
+"""The pure-PyTorch twin of the fused MLP ops (docs/maths.md section 4).
 
 Streams are stored stream-major, ``S`` of shape ``(1 + K, B, d)`` with stream 0 the primal, so one
 GEMM over the ``(1 + K) * B`` stacked rows serves every stream, the bias and activation touch a
@@ -80,7 +80,8 @@ def stream_backward(
     return g, grad_w, grad_b
 
 
-def _identity_seeds(z: Tensor) -> Tensor:
+def identity_seeds(z: Tensor) -> Tensor:
+    """The exact estimator's ``1 + m`` seed streams ``(z, e_1, ..., e_m)`` as ``(1 + m, B, m)``."""
     bsz, m = z.shape
     eye = torch.eye(m, dtype=z.dtype, device=z.device).unsqueeze(1).expand(m, bsz, m)
     return torch.cat([z.unsqueeze(0), eye], dim=0)
@@ -96,7 +97,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
-        s, layers = stream_forward(_identity_seeds(z), weights, biases, acts)
+        s, layers = stream_forward(identity_seeds(z), weights, biases, acts)
         t = s[1:]
         return _gram(t), (*layers, t)
 

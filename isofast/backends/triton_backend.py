@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -29,34 +32,51 @@ from isofast.activations import KINDS, Activation
 from isofast import compile_stats
 from isofast.backends.base import Backend, CompileResult, Grads
 
-#: ``saved[-1]`` is a marker whose length is the forward's GEMM precision code, reused by the backward.
-_MARKERS: dict[int, Tensor] = {}
+#: ``saved[-1]`` of a forward: an empty tensor whose length is the forward's GEMM precision code,
+#: so that the backward reuses the forward's precision (one cached tensor per code).
+_PRECISION_TAGS: dict[int, Tensor] = {}
 
 
-def _marker(code: int) -> Tensor:
-    if code not in _MARKERS:
-        _MARKERS[code] = torch.empty(code)
-    return _MARKERS[code]
+def _precision_tag(code: int) -> Tensor:
+    if code not in _PRECISION_TAGS:
+        _PRECISION_TAGS[code] = torch.empty(code)
+    return _PRECISION_TAGS[code]
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
-    """The kernel package: ``isofast.kernels`` when installed, else the source tree's ``kernels``."""
-    try:
+    """The kernel package ``isofast.kernels``: inside an installed isofast, or the ``kernels/``
+    folder beside this ``isofast/`` in a source checkout. The checkout's folder is loaded by its
+    path, so that a checkout on ``PYTHONPATH`` never runs the kernels of another installed copy."""
+    loaded = sys.modules.get("isofast.kernels")
+    if loaded is not None:
+        return loaded
+    package = Path(__file__).resolve().parents[1]
+    source = package.parent / "kernels" / "__init__.py"
+    if (package / "kernels").is_dir() or not source.exists():
         return importlib.import_module("isofast.kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("isofast.kernels",):
-            raise
-        return importlib.import_module("kernels")
+    spec = importlib.util.spec_from_file_location("isofast.kernels", source,
+                                                  submodule_search_locations=[str(source.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["isofast.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["isofast.kernels"]
+        raise
+    return module
 
 
 def _prec_code() -> int:
-    from isofast.backends import current_precision
+    """The kernels' ``PREC`` code: the index of the current mode in :data:`isofast.backends.PRECISIONS`."""
+    from isofast.backends import PRECISIONS, current_precision
 
-    return ("fp32", "tf32", "bf16").index(current_precision())
+    return PRECISIONS.index(current_precision())
 
 
 def _contig(ts: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -86,7 +106,7 @@ class TritonBackend(Backend):
             _kernels()
         except ModuleNotFoundError as exc:
             return False, f"the Triton kernels are not part of this build ({exc.name} missing)"
-        if _interpreting():
+        if interpreting():
             return True, "through the Triton interpreter (TRITON_INTERPRET=1): CPU tensors, slow"
         if not torch.cuda.is_available():
             return False, "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors)"
@@ -99,7 +119,7 @@ class TritonBackend(Backend):
         if device.type == "cuda":
             return (True, "") if torch.cuda.is_available() else (False, "no CUDA device")
         if device.type == "cpu":
-            if _interpreting():
+            if interpreting():
                 return True, ""
             return False, "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1"
         return False, f"Triton kernels do not run on {device.type} tensors"
@@ -112,13 +132,13 @@ class TritonBackend(Backend):
         gram, saved = k.mlp_pullback.mlp_pullback_forward(
             z.contiguous(), _contig(weights), _contig(biases), acts, prec
         )
-        return gram, (*saved, _marker(prec))  # fp32: the accumulation dtype (base.acc_dtype)
+        return gram, (*saved, _precision_tag(prec))  # fp32: the accumulation dtype (base.acc_dtype)
 
     def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
-        *saved, marker = saved
+        *saved, tag = saved
         k = _kernels()
         grad_z, wg, bg = k.mlp_pullback.mlp_pullback_backward(
-            grad_h.contiguous(), _contig(weights), has_bias, acts, saved, marker.shape[0]
+            grad_h.contiguous(), _contig(weights), has_bias, acts, saved, tag.shape[0]
         )
         return _cast_grads(grad_z, wg, bg, weights, weights[0].dtype)
 
@@ -128,13 +148,13 @@ class TritonBackend(Backend):
         stats, saved = k.mlp_hutchinson.mlp_hutchinson_forward(
             z.contiguous(), probes.to(z.dtype).contiguous(), _contig(weights), _contig(biases), acts, prec
         )
-        return stats, (*saved, _marker(prec))  # fp32: the accumulation dtype (base.acc_dtype)
+        return stats, (*saved, _precision_tag(prec))  # fp32: the accumulation dtype (base.acc_dtype)
 
     def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved):  # type: ignore[override]
-        *saved, marker = saved
+        *saved, tag = saved
         k = _kernels()
         grad_z, wg, bg = k.mlp_hutchinson.mlp_hutchinson_backward(
-            grad_stats.contiguous(), _contig(weights), has_bias, acts, saved, marker.shape[0]
+            grad_stats.contiguous(), _contig(weights), has_bias, acts, saved, tag.shape[0]
         )
         return _cast_grads(grad_z, wg, bg, weights, weights[0].dtype)
 
@@ -148,7 +168,7 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as exc:
             return [CompileResult("triton", False, f"triton is not importable: {exc}", [])]
-        if _interpreting():
+        if interpreting():
             return [CompileResult("triton", False, "TRITON_INTERPRET=1 is set: unset it to compile for the GPU target", [])]
         results = []
         for label, kernel, signature, constexprs in compile_specs():
@@ -162,7 +182,7 @@ class TritonBackend(Backend):
 #: Pointer arguments that are fp32 whatever the tensors' dtype (accumulators and statistics).
 _FP32_POINTERS = {"stats_ptr", "gram_ptr", "wgrad_ptr", "bgrad_ptr", "px_ptr"}
 #: Scalar arguments that are floats (activation parameters); every other scalar is an i32.
-_FLOAT_SCALARS = {"P0", "P1"}
+_FLOAT_SCALARS = {"coef", "threshold"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict[str, object]) -> dict[str, str]:

@@ -89,15 +89,6 @@ def gather_objects(obj: object, info: DistInfo) -> list[object]:
     return out
 
 
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    """Rank 0's ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shutdown() -> None:
     """Leave the process group a torchrun launch joined; the commands own its lifetime."""
     if launched_by_torchrun() and dist.is_initialized():

@@ -279,11 +279,6 @@ class RegTimer:
 # ----------------------------------------------------------------------------- step / evaluation
 
 
-def unwrap(model: nn.Module) -> IsoAutoencoder:
-    """The :class:`IsoAutoencoder` inside a possible DDP wrapper."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
-
-
 def train_step(model: nn.Module, x: Tensor, optimizer: torch.optim.Optimizer, timer: RegTimer | None = None) -> dict[str, Tensor]:
     """One optimiser step on the batch ``x (B, D)``; returns the (detached) loss parts."""
     if timer is not None:

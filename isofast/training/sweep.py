@@ -39,7 +39,7 @@ from typing import Any
 
 from .loop import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, TrainConfig, train
 
-#: The measures of the hierarchy the sweep trains by default (MATH.md section 2).
+#: The measures of the hierarchy the sweep trains by default (docs/maths.md section 2).
 DEFAULT_MEASURES = ("isometry", "scaled_isometry", "conformal", "volume")
 DEFAULT_WEIGHTS = (0.1, 1.0, 10.0, 100.0)
 #: ``measure`` of the unregularised baseline rows.

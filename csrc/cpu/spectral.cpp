@@ -6,8 +6,8 @@
 
 #include <limits>
 
-#include "ops.h"
-#include "spectral_math.h"
+#include "../ops.h"
+#include "../spectral_math.h"
 
 namespace isofast {
 namespace {

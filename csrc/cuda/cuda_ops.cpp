@@ -1,5 +1,5 @@
 // Torch binding of the CUDA kernels (compiled only in CUDA builds, with -DISOFAST_WITH_CUDA):
-// argument checks, allocation and the current stream here; the kernels in cuda/*.cu.
+// argument checks, allocation and the current stream here; the kernels in the .cu files beside it.
 
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -7,8 +7,8 @@
 
 #include <limits>
 
-#include "cuda/launchers.h"
-#include "spectral_math.h"
+#include "../spectral_math.h"
+#include "launchers.h"
 
 namespace isofast {
 namespace {
@@ -118,8 +118,8 @@ Tensor cuda_sqnorm(const Tensor& X_in) {
 }
 
 // A ((1+K) B, d) GEMM output, modified in place (its first B rows become p); returns S.
-Tensor cuda_forward_epilogue(Tensor A, const c10::optional<Tensor>& bias, int64_t K, int64_t code, double q0,
-                             double q1, bool write_primal) {
+Tensor cuda_forward_epilogue(Tensor A, const c10::optional<Tensor>& bias, int64_t K, int64_t code,
+                             double coef, double threshold, bool write_primal) {
   const char* op = "isofast mlp forward epilogue (cuda)";
   TORCH_CHECK(A.is_cuda() && A.dim() == 2 && A.is_contiguous() && A.size(0) % (K + 1) == 0, op,
               ": A must be a contiguous CUDA ((1 + K) B, d) tensor, got ", A.sizes());
@@ -130,14 +130,14 @@ Tensor cuda_forward_epilogue(Tensor A, const c10::optional<Tensor>& bias, int64_
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "isofast_cuda_fwd_epilogue", [&] {
     check_launch(op, cuda::mlp_forward_epilogue<scalar_t>(A.data_ptr<scalar_t>(),
                                                           b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                                          S.data_ptr<scalar_t>(), K, B, d, int(code), q0, q1,
-                                                          write_primal, at::cuda::getCurrentCUDAStream()));
+                                                          S.data_ptr<scalar_t>(), K, B, d, int(code), coef,
+                                                          threshold, write_primal, at::cuda::getCurrentCUDAStream()));
   });
   return S;
 }
 
 void cuda_backward_prologue(const Tensor& A, Tensor Sb, const c10::optional<Tensor>& extra, int64_t K, int64_t code,
-                            double q0, double q1) {
+                            double coef, double threshold) {
   const char* op = "isofast mlp backward prologue (cuda)";
   TORCH_CHECK(A.is_cuda() && Sb.is_cuda() && A.sizes() == Sb.sizes() && A.is_contiguous() && Sb.is_contiguous(), op,
               ": A and Sb must be contiguous CUDA tensors of one shape");
@@ -147,7 +147,8 @@ void cuda_backward_prologue(const Tensor& A, Tensor Sb, const c10::optional<Tens
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "isofast_cuda_bwd_prologue", [&] {
     check_launch(op, cuda::mlp_backward_prologue<scalar_t>(A.data_ptr<scalar_t>(), Sb.data_ptr<scalar_t>(),
                                                            e.defined() ? e.data_ptr<scalar_t>() : nullptr, K, B, d,
-                                                           int(code), q0, q1, at::cuda::getCurrentCUDAStream()));
+                                                           int(code), coef, threshold,
+                                                           at::cuda::getCurrentCUDAStream()));
   });
 }
 
@@ -161,10 +162,11 @@ void register_cuda(pybind11::module_& m) {
   m.def("cuda_gram", &cuda_gram, "per-sample Gram X X^T of (B, K, D)", pybind11::arg("X"));
   m.def("cuda_sqnorm", &cuda_sqnorm, "squared norms (B, K) of (B, K, D)", pybind11::arg("X"));
   m.def("cuda_forward_epilogue", &cuda_forward_epilogue, pybind11::arg("A"), pybind11::arg("bias"),
-        pybind11::arg("K"), pybind11::arg("code"), pybind11::arg("q0"), pybind11::arg("q1"),
-        pybind11::arg("write_primal"));
+        pybind11::arg("K"), pybind11::arg("code"), pybind11::arg("coef"),
+        pybind11::arg("threshold"), pybind11::arg("write_primal"));
   m.def("cuda_backward_prologue", &cuda_backward_prologue, pybind11::arg("A"), pybind11::arg("Sb"),
-        pybind11::arg("extra"), pybind11::arg("K"), pybind11::arg("code"), pybind11::arg("q0"), pybind11::arg("q1"));
+        pybind11::arg("extra"), pybind11::arg("K"), pybind11::arg("code"), pybind11::arg("coef"),
+        pybind11::arg("threshold"));
 }
 
 }  // namespace isofast
