@@ -154,7 +154,7 @@ SWEEP = (*CORE, "isofast-torch-hutch-K4")
 #: with PyTorch's math attention kernel forced), today's generic path, the stream path, the
 #: first-order estimator once isofast has it, and what ``estimator="auto"`` runs.
 DECODER_CORE = ("official", "generic-hutch-K1", "isofast-forward-K2", "isofast-forward-K4", "isofast-auto")
-CONV = (*DECODER_CORE, "generic-exact", "isofast-seq-exact", "seq-forward-K2", "seq-forward-K4")
+CONV = (*DECODER_CORE, "generic-exact", "isofast-seq-exact")
 ATTENTION = (*DECODER_CORE, "official-math-sdpa")
 
 

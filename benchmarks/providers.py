@@ -20,10 +20,6 @@ from torch import Tensor, nn
 
 import isofast
 from isofast import baselines
-from isofast.generic import generic_hutchinson, generic_pullback
-from isofast.measures import BatchMean, from_metric, from_traces
-from isofast.ops import tangent_gram
-from isofast.streams import extract_sequential, tangent_images
 from benchmarks.cases import Inputs
 
 
@@ -149,17 +145,16 @@ def _official_math_sdpa(inputs: Inputs, device: torch.device) -> Runner:
 
 
 def _generic(estimator: str) -> Callable[[Inputs, torch.device], Runner]:
-    """Today's generic path, called directly whatever isofast would plan: forward-mode AD over
-    repeated codes (exact: the latent basis; Hutchinson K=1: plus a VJP with create_graph)."""
+    """The generic path whatever isofast would plan (the decoder behind a plain callable):
+    exact is this isofast's (primal once, batched tangents); Hutchinson K=1 is isofast 0.1's
+    (forward-mode AD over repeated codes plus a VJP with create_graph, ``baselines``)."""
     def build(inputs: Inputs, device: torch.device) -> Runner:
         v = inputs.probes[:, :1].contiguous()
 
         def loss(d: nn.Module, z: Tensor) -> Tensor:
-            mean = BatchMean()
             if estimator == "exact":
-                return from_metric("scaled_isometry", generic_pullback(d, z), mean)
-            stats = generic_hutchinson(d, z, v).mean(1)
-            return from_traces("scaled_isometry", stats[:, 0], stats[:, 1], z.shape[1], mean)
+                return isofast.relaxed_distortion(lambda x: d(x), z, eta=None, estimator="exact")
+            return baselines.repeated_codes_hutchinson(d, z, v)
         return _torch_runner(loss, inputs, device)
     return build
 
@@ -180,26 +175,6 @@ def _forward_estimator(k: int) -> Callable[[Inputs, torch.device], Runner]:
         p = inputs.probes[:, :k].contiguous()
         return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, estimator="forward", probes=p),
                              inputs, device)
-    return build
-
-
-def _stream_forward(k: int) -> Callable[[Inputs, torch.device], Runner]:
-    """The stream path's tangent images with the first-order trace estimates: for ``K`` probes,
-    ``Tr H ~ mean_k ||J u_k||^2`` and ``Tr H^2 ~ mean_{i<j} (J u_i . J u_j)^2`` (unbiased)."""
-    def build(inputs: Inputs, device: torch.device) -> Runner:
-        spec, why = extract_sequential(inputs.decoder)
-        if spec is None:
-            raise Skip(f"not a stream-path decoder: {why}")
-        u = inputs.probes[:, :k].contiguous()
-        iu, ju = torch.triu_indices(k, k, 1, device=device)
-
-        def loss(d: nn.Module, z: Tensor) -> Tensor:
-            _, jv = tangent_images(spec, z, u)
-            g = tangent_gram(jv.float())
-            tr = torch.diagonal(g, dim1=1, dim2=2).mean(-1)
-            tr2 = g[:, iu, ju].square().mean(-1)
-            return from_traces("scaled_isometry", tr, tr2, z.shape[1], BatchMean())
-        return _torch_runner(loss, inputs, device)
     return build
 
 
@@ -268,14 +243,12 @@ def all_providers() -> dict[str, Provider]:
         Provider("official+compile", "hutchinson", _official_compiled, note="torch.compile of the official recipe"),
         Provider("official-math-sdpa", "hutchinson", _official_math_sdpa,
                  note="official recipe under sdpa_kernel(SDPBackend.MATH)"),
-        Provider("generic-exact", "exact", _generic("exact"), note="today's generic path: forward AD over repeated codes"),
+        Provider("generic-exact", "exact", _generic("exact"), note="the generic path, exact (decoder behind a plain callable)"),
         Provider("generic-hutch-K1", "hutchinson", _generic("hutchinson"),
-                 note="today's generic path: forward AD + VJP with create_graph"),
+                 note="isofast 0.1's generic path: forward AD over repeated codes + VJP with create_graph"),
         Provider("isofast-seq-exact", "exact", _stream_exact, note="fused_sequential path: m tangent streams as rows"),
         *[Provider(f"isofast-forward-K{k}", "forward", _forward_estimator(k), n_probes=k,
                    note=f"estimator='forward' (first-order), K={k}") for k in (2, 4)],
-        *[Provider(f"seq-forward-K{k}", "forward", _stream_forward(k), n_probes=k,
-                   note=f"stream-path tangent images + first-order trace estimates, K={k}") for k in (2, 4)],
         Provider("isofast-auto", "auto", _auto, note="relaxed_distortion with estimator='auto'"),
         Provider("jax", "hutchinson", _jax, note="jax.jit of jvp + vjp"),
     ]

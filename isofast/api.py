@@ -16,16 +16,13 @@ from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
-from isofast.streams import sequential_pullback
 from isofast.train_mode import frozen_running_stats
 
 Decoder = Callable[[Tensor], Tensor]
 
 
 def _metric(p: Plan, z: Tensor) -> Tensor:
-    """Exact ``H (B, m, m)`` on the fused paths."""
-    if p.path == "fused_sequential":
-        return sequential_pullback(p.spec, z)  # type: ignore[arg-type]
+    """Exact ``H (B, m, m)`` on the fused MLP path."""
     if p.compute_dtype is None:
         return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
     # Under autocast the op gets its inputs in the planned dtype (and keeps autocast out of its kernels).
@@ -67,8 +64,10 @@ def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group:
 
 
 def _generic_stats(p: Plan, decoder: Decoder, args: tuple[Tensor, ...], group: object | None) -> Scaled:
+    # The stream path computes the tangent images from the decoder's layers (p.spec).
+    source = p.spec if p.path == "fused_sequential" else decoder
     with frozen_running_stats(decoder):
-        return _GENERIC[p.estimator](decoder, *args, group=group)
+        return _GENERIC[p.estimator](source, *args, group=group)  # type: ignore[arg-type]
 
 
 def _generic_distortion(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, measure: str,
@@ -95,7 +94,7 @@ def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
     sample. Differentiable in ``z`` and the decoder's parameters.
     """
     p = plan(decoder, z, measure=None, eta=None)
-    if p.path != "generic":
+    if p.path == "fused_mlp":
         return _metric(p, z)
     sc = _generic(p, decoder, z, None, None)
     return unscale(sc.metric, sc.scale2, 1, "the pullback metric")  # type: ignore[arg-type]
@@ -145,7 +144,7 @@ def distortion(
     mean = BatchMean(sync)
     if p.estimator != "exact" and probes is None:
         probes = torch.randn(z.shape[0], p.n_probes, *z.shape[1:], generator=generator, device=z.device, dtype=z.dtype)
-    if p.path == "generic":
+    if p.path != "fused_mlp":
         value = _generic_distortion(p, decoder, z_aug, probes, measure, mean)
     elif p.estimator == "exact":
         value = from_metric(measure, _metric(p, z_aug), mean)

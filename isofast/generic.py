@@ -34,6 +34,7 @@ from torch import Tensor
 from isofast._checks import can_read_values
 from isofast.backends.base import acc_dtype
 from isofast.ops.tangent_gram import tangent_gram, tangent_sqnorm
+from isofast import streams
 from isofast.tangents import tangent_images
 
 Decoder = Callable[[Tensor], Tensor]
@@ -67,7 +68,9 @@ def _scale(jv: Tensor, group: object | None) -> Tensor:
 
 def _normalised_images(decoder: Decoder, z: Tensor, vectors: Tensor, group: object | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(primal (B, D), a (B, K, D) = J v / s in fp32+, s)``."""
-    primal, jv = tangent_images(decoder, z, vectors)
+    # The stream path hands its layers (a SequentialSpec) instead of the decoder: same contract.
+    images = streams.tangent_images if isinstance(decoder, streams.SequentialSpec) else tangent_images
+    primal, jv = images(decoder, z, vectors)
     jv = _acc(jv)
     s = _scale(jv, group)
     return primal, jv / s, s

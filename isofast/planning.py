@@ -212,7 +212,7 @@ def plan(
     m = z[0].numel()
     spec, path_why = _path(decoder, z)
     if spec is not None and estimator == "forward":
-        spec, path_why = None, f"{path_why}, but estimator='forward' runs on the generic path"
+        spec, path_why = None, f"{path_why}, but the fused MLP path has no estimator='forward'"
     if measure is None:
         if estimator in ("hutchinson", "forward") or probes is not None:
             raise ValueError(f"pullback_metric is exact; estimator={estimator!r} and probes do not apply")

@@ -215,18 +215,9 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
     return primal, tangents.unflatten(0, (k, bsz)).transpose(0, 1)
 
 
-def sequential_pullback(spec: SequentialSpec, z: Tensor) -> Tensor:
-    """Exact ``H = J^T J (B, m, m)`` at ``z (B, *latent)``, ``m = prod(latent)``: one stream
-    forward with the latent basis as seeds, then the Gram of the tangent images (fp32 or wider)."""
-    bsz = z.shape[0]
-    m = z[0].numel()
-    basis = torch.eye(m, dtype=z.dtype, device=z.device).reshape(m, *z.shape[1:]).expand(bsz, m, *z.shape[1:])
-    _, jv = tangent_images(spec, z, basis)
-    return tangent_gram(jv.to(acc_dtype(jv.dtype)))
-
-
-#: Estimators the stream path computes: the exact metric needs only the tangent images.
-ESTIMATORS = ("exact",)
+#: Estimators the stream path computes: both need only the tangent images
+#: (:mod:`isofast.generic` reduces them, as for any decoder).
+ESTIMATORS = ("exact", "forward")
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
               nn.ConvTranspose3d: 3}

@@ -105,7 +105,7 @@ def test_conv_and_attention_cases() -> None:
     conv = Case("tiny-deconv28", "conv", batch=2, m=2, kind="deconv28", providers=CONV)
     recs = measure_case(conv, list(CONV), CPU, env, reps=1, budget_s=None, memory=False)
     by = {r["provider"]: r for r in recs if r["phase"] == "fwd_bwd"}
-    assert by["isofast-seq-exact"]["status"] == "ok" and by["seq-forward-K2"]["status"] == "ok"
+    assert by["isofast-seq-exact"]["status"] == "ok" and by["isofast-forward-K2"]["status"] == "ok"
     assert by["isofast-seq-exact"]["value"] == pytest.approx(by["generic-exact"]["value"], rel=1e-5)
     assert by["generic-hutch-K1"]["value"] == pytest.approx(by["official"]["value"], rel=1e-5)
     assert all(r["flops"] is None for r in recs)

@@ -92,7 +92,10 @@ def test_auto_on_the_generic_path_and_forward_on_an_mlp():
     assert (p.estimator, p.n_probes) == ("forward", isofast.planning.FORWARD_PROBES)
     mlp = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
     p = isofast.plan(mlp, torch.randn(4, 3, dtype=torch.float64), estimator="forward", n_probes=3)
-    assert p.path == "generic" and "estimator='forward' runs on the generic path" in p.reasons["path"]
+    # The stream path carries an MLP's tangent images too, and has the forward estimator.
+    assert p.path == "fused_sequential" and p.estimator == "forward"
+    p = isofast.plan(lambda x: mlp(x), torch.randn(4, 3, dtype=torch.float64), estimator="forward", n_probes=3)
+    assert p.path == "generic" and p.estimator == "forward"
 
 
 class _OnceDifferentiableTanh(torch.autograd.Function):

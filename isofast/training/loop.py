@@ -579,7 +579,7 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo, ckpt: di
                 model.train()
                 if best is None or mse < best["val_mse"]:
                     best = {"step": step, "epoch": epoch + 1, "val_mse": mse,
-                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                            "model": copy.deepcopy(model.state_dict())}
             for k in sums:
                 sums[k] += float(parts[k])
             bar.set_postfix(loss=f"{sums['loss'] / n:.4g}", reg=f"{sums['reg'] / n:.4g}",
