@@ -34,8 +34,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from isofast.activations import Activation, from_module
-from isofast.backends.base import acc_dtype
-from isofast.ops.tangent_gram import tangent_gram
 from isofast.plain import plain_leaves, where
 
 #: Affine layer types and their bias-free functional form ``(module, x) -> W x``.

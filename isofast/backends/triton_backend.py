@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from isofast.activations import KINDS, Activation
+from isofast.activations import KINDS
 from isofast import compile_stats
 from isofast.backends.base import Backend, CompileResult, Grads
 
