@@ -153,7 +153,10 @@ def _estimator(
         if estimator == "exact":
             raise ValueError("probes are only used by estimator='forward', 'hutchinson' (or 'auto'), got estimator='exact'")
         if estimator == "auto":
-            return "hutchinson", "probes were given (estimator='forward' takes them too)"
+            if fused:
+                return "hutchinson", "probes were given (estimator='forward' takes them too)"
+            return "hutchinson", ("probes were given: Hutchinson, whose VJP is a double backward off the fused path; "
+                                  "pass estimator='forward' (K >= 2) to stay first order")
     if estimator == "auto":
         if measure in EXACT_ONLY:
             chosen, why = "exact", f"measure {measure!r} needs the exact metric"
