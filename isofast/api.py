@@ -16,6 +16,7 @@ from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
+from isofast.probes import draw as draw_probes
 from isofast.train_mode import frozen_running_stats
 
 Decoder = Callable[[Tensor], Tensor]
@@ -50,9 +51,6 @@ def _scaled_stats(p: Plan, z: Tensor, probes: Tensor, measure: str, mean: BatchM
     return stats, factor
 
 
-_GENERIC = {"exact": generic_metric, "forward": forward_traces, "hutchinson": hutchinson_traces}
-
-
 def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group: object | None) -> Scaled:
     """The generic path's scale-normalised statistics. Under ``torch.inference_mode`` (where
     forward mode is off) they are computed outside it on copies of the inputs."""
@@ -67,7 +65,11 @@ def _generic_stats(p: Plan, decoder: Decoder, args: tuple[Tensor, ...], group: o
     # The stream path computes the tangent images from the decoder's layers (p.spec).
     source = p.spec if p.path == "fused_sequential" else decoder
     with frozen_running_stats(decoder):
-        return _GENERIC[p.estimator](source, *args, group=group)  # type: ignore[arg-type]
+        if p.estimator == "exact":
+            return generic_metric(source, *args, group=group)  # type: ignore[arg-type]
+        if p.estimator == "forward":
+            return forward_traces(source, *args, group=group, orthonormal=p.probe_distribution == "orthonormal")  # type: ignore[arg-type]
+        return hutchinson_traces(source, *args, group=group)  # type: ignore[arg-type]
 
 
 def _generic_distortion(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, measure: str,
@@ -127,12 +129,14 @@ def distortion(
         eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``, a real number in
             ``[0, isofast._checks.ETA_MAX]`` (1000); ``None`` uses ``z`` as given.
         estimator: ``"exact"`` (H from ``m`` tangent streams), ``"forward"`` (first order, generic
-            path: ``Tr H = mean_k ||J u_k||^2``, ``Tr H^2 = mean_{i<j} (J u_i . J u_j)^2``, ``K >= 2``),
+            path: traces from the ``K x K`` Gram of the images ``J u_k``, ``K >= 2``; probes drawn as
+            random orthonormal frames, see :mod:`isofast.probes`),
             ``"hutchinson"`` (``Tr H = E||Jv||^2``, ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``)
             or ``"auto"`` (fused path: exact for ``m <= isofast.planning.EXACT_MAX_LATENT``, else
             Hutchinson; generic path: exact for ``m <= GENERIC_EXACT_MAX_LATENT``, else forward).
         n_probes: probes per sample ``K`` (default 1 for Hutchinson, ``FORWARD_PROBES`` for forward); refused with ``estimator="exact"``.
-        probes: explicit Gaussian probes ``(B, K, *latent_shape)``, for reproducibility.
+        probes: explicit probes ``(B, K, *latent_shape)``, read as independent ``N(0, I)`` draws
+            (a ``generator`` reproduces the default draws instead).
         generator: drives the mixup and probe draws, on ``z``'s device.
         sync: ``True`` or a process group to average over the global batch of all ranks.
 
@@ -143,7 +147,7 @@ def distortion(
     z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
     mean = BatchMean(sync)
     if p.estimator != "exact" and probes is None:
-        probes = torch.randn(z.shape[0], p.n_probes, *z.shape[1:], generator=generator, device=z.device, dtype=z.dtype)
+        probes = draw_probes(p.probe_distribution, z, p.n_probes, generator)  # type: ignore[arg-type]
     if p.path != "fused_mlp":
         value = _generic_distortion(p, decoder, z_aug, probes, measure, mean)
     elif p.estimator == "exact":

@@ -8,7 +8,9 @@ estimators of the per-sample traces ``Tr H_b`` and ``Tr H_b^2`` of ``H = J^T J``
 - ``exact``: ``H = G`` for ``v`` the latent basis (``K = m``);
 - ``forward`` (first order; no VJP): with ``a_k = J u_k``, ``u_k ~ N(0, I)`` independent,
   ``Tr H = mean_k ||a_k||^2`` and ``Tr H^2 = mean_{i<j} (a_i . a_j)^2`` (needs ``K >= 2``), both
-  unbiased since ``E (u^T H v)^2 = E u^T H v v^T H u = Tr H^2``. Per sample,
+  unbiased since ``E (u^T H v)^2 = E u^T H v v^T H u = Tr H^2``; with orthonormal frames
+  (:mod:`isofast.probes`, the default draw) ``Tr H^2`` also uses the diagonal of the Gram and is
+  exact at ``K = m`` and at ``H = c I``. Per sample, with Gaussian probes,
   ``Var = [2 (Tr H^2)^2 + (4K - 2) Tr H^4] / (K (K - 1) / 2)`` for the ``Tr H^2`` estimate
   (``Var (u^T H v)^2 = 2 (Tr H^2)^2 + 6 Tr H^4``, and pairs sharing one probe covary by
   ``2 Tr H^4``) and ``2 Tr H^2 / K`` for ``Tr H``;
@@ -90,15 +92,23 @@ def generic_metric(decoder: Decoder, z: Tensor, group: object | None = None) -> 
         return Scaled(s * s, metric=tangent_gram(a))
 
 
-def forward_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None) -> Scaled:
-    """First-order ``Tr H`` and ``Tr H^2`` (scaled) from the ``K x K`` Gram of probe images."""
-    k = probes.shape[1]
+def forward_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None,
+                   orthonormal: bool = False) -> Scaled:
+    """First-order ``Tr H`` and ``Tr H^2`` (scaled) from the ``K x K`` Gram ``G`` of probe images.
+
+    ``probes (B, K, *latent_shape)``: independent ``N(0, I)`` draws, or with ``orthonormal`` the
+    scaled orthonormal frames of :func:`isofast.probes.orthonormal_probes`, for which
+    ``Tr H^2 = (mean_i G_ii^2 + (m - 1) mean_{i != j} G_ij^2) / m`` (docs/maths.md section 3).
+    """
+    k, m = probes.shape[1], z[0].numel()
     _, a, s = _normalised_images(decoder, z, probes, group)
     with torch.autocast(z.device.type, enabled=False):
         g = tangent_gram(a)
-        tr = torch.diagonal(g, dim1=1, dim2=2).mean(-1)
+        diag = torch.diagonal(g, dim1=1, dim2=2)
+        tr = diag.mean(-1)
         off = torch.triu(torch.ones(k, k, dtype=torch.bool, device=g.device), diagonal=1)
-        tr2 = g.square()[:, off].mean(-1)
+        off_mean = g.square()[:, off].mean(-1)
+        tr2 = (diag.square().mean(-1) + (m - 1) * off_mean) / m if orthonormal else off_mean
     return Scaled(s * s, tr=tr, tr2=tr2)
 
 

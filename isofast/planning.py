@@ -46,6 +46,9 @@ class Plan:
     accumulate (e.g. ``"bfloat16 GEMMs (autocast), float32 accumulation"``); ``reasons`` maps
     ``"path"``, ``"backend"``, ``"estimator"`` and ``"precision"`` to why.
 
+    ``probe_distribution`` is ``None`` (exact) or how the probes are drawn (or, when given, read):
+    ``"gaussian"`` or ``"orthonormal"`` (:mod:`isofast.probes`).
+
     ``compute_dtype`` (fused path only) is the dtype the fused op runs in when it differs from the
     inputs' or autocast is on: the call then casts to it and runs with autocast disabled."""
 
@@ -60,6 +63,7 @@ class Plan:
     spec: MLPSpec | SequentialSpec | None = field(default=None, repr=False, compare=False)
     backend_impl: Backend | None = field(default=None, repr=False, compare=False)
     compute_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)
+    probe_distribution: str | None = None
 
     def __str__(self) -> str:
         probes = "" if self.n_probes is None else f", K={self.n_probes}"
@@ -226,9 +230,11 @@ def plan(
     k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or default_k))
     if chosen == "forward" and k < 2:
         raise ValueError(f"estimator='forward' needs n_probes >= 2 (pairs of probes estimate Tr H^2), got {k}")
+    distribution, dist_why = _probe_distribution(chosen, k, m, probes is not None)
+    est_why = f"{est_why}; {dist_why}" if dist_why else est_why
     autocast = autocast_dtype(z.device)
     if spec is None:
-        return _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast)
+        return _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution)
     dtype = _check_params(spec, z, autocast)
     impl, backend_why = backends.select(z.device, dtype)
     compute, precision, prec_why = _fused_precision(impl, z, dtype, autocast)
@@ -236,8 +242,24 @@ def plan(
         "fused_mlp", impl.name, chosen, k, measure,
         {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why,
          "precision": prec_why, "shapes": _shapes(z, chosen, k)},
-        precision, tuple(z.shape[1:]), spec, impl, compute,
+        precision, tuple(z.shape[1:]), spec, impl, compute, distribution,
     )
+
+
+def _probe_distribution(estimator: str, k: int | None, m: int, given: bool) -> tuple[str | None, str]:
+    """How the probes are drawn (or read), and why: the first-order estimator takes orthonormal
+    frames where it can (exact at ``K = m`` and at ``H = c I``, and never worse than independent
+    draws in the tests of docs/maths.md section 3)."""
+    if estimator == "exact":
+        return None, ""
+    if estimator == "hutchinson":
+        return "gaussian", "" if given else "probes drawn N(0, I)"
+    if given:
+        return "gaussian", "the given probes are read as independent N(0, I) draws (pairs of their images estimate Tr H^2)"
+    if k > m:  # type: ignore[operator]
+        return "gaussian", (f"K = {k} > m = {m}: independent N(0, I) probes (an orthonormal frame has at most m "
+                            f"vectors, and K = m of them would give the exact traces)")
+    return "orthonormal", f"probes: sqrt(m) times {k} random orthonormal directions per sample (isofast.probes)"
 
 
 def _shapes(z: Tensor, estimator: str, k: int | None) -> str:
@@ -249,7 +271,7 @@ def _shapes(z: Tensor, estimator: str, k: int | None) -> str:
 
 
 def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measure: str | None, path_why: str,
-                  est_why: str, autocast: torch.dtype | None) -> Plan:
+                  est_why: str, autocast: torch.dtype | None, distribution: str | None) -> Plan:
     from isofast import forward_ad_fixes, train_mode
 
     forced = backends.forced()
@@ -272,7 +294,7 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
                     {"path": f"fused_sequential: {path_why}",
                      "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
                      "estimator": est_why, "shapes": _shapes(z, chosen, k), "precision": prec_why},
-                    precision, tuple(z.shape[1:]), seq)
+                    precision, tuple(z.shape[1:]), seq, probe_distribution=distribution)
     on_cuda, reduce_why = cuda_reductions(z.device)
     reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
     reasons = {
@@ -288,4 +310,5 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
     caveat = train_mode.describe(decoder)
     if caveat:
         reasons["train_mode"] = caveat
-    return Plan("generic", "torch", chosen, k, measure, reasons, precision, tuple(z.shape[1:]))
+    return Plan("generic", "torch", chosen, k, measure, reasons, precision, tuple(z.shape[1:]),
+                probe_distribution=distribution)
