@@ -7,6 +7,7 @@ same Gaussian probes ``(B, K, m)``.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,8 @@ class Case:
     ``group`` is ``"paper"`` (the paper's decoder over batches), ``"latent"`` (latent sweep),
     ``"width"`` (hidden/output widths), ``"activation"`` (smooth activations), ``"conv"`` or
     ``"attention"``. ``kind`` is the decoder family: ``"mlp"`` (``hidden``, ``out``, ``act`` and
-    ``out_act`` apply), ``"deconv28"`` (:func:`deconv28`) or ``"attention"`` (:class:`AttentionDecoder`).
+    ``out_act`` apply), ``"deconv28"`` (:func:`deconv28`), ``"attention"`` (:class:`AttentionDecoder`)
+    or ``"autoencoder_kl"`` (:func:`autoencoder_kl`, when diffusers is installed).
     ``providers`` optionally restricts which competitors run (``None``: all of the mode's).
     """
 
@@ -54,6 +56,8 @@ class Case:
             return f"DeConvNet28 nh={DECONV_NH}, m={self.m} -> 1x28x28"
         if self.kind == "attention":
             return f"conv/GroupNorm/attention, latent {'x'.join(map(str, ATTENTION_LATENT))} -> 3x16x16"
+        if self.kind == "autoencoder_kl":
+            return f"diffusers AutoencoderKL decoder (tiny), latent {'x'.join(map(str, KL_LATENT))} -> 3x32x32"
         hid = self.hidden
         body = f"{hid[0]}x{len(hid)}" if len(set(hid)) == 1 else "-".join(map(str, hid))
         return f"{self.m}-{body}-{self.out} {self.act}/{self.out_act}"
@@ -72,6 +76,8 @@ class Inputs:
 DECONV_NH = 4
 #: Image-shaped latent of the attention case, carried flat as ``z (B, 4 * 8 * 8)``.
 ATTENTION_LATENT = (4, 8, 8)
+#: Image-shaped latent of the diffusers case, carried flat as ``z (B, 4 * 16 * 16)``.
+KL_LATENT = (4, 16, 16)
 
 
 def deconv28(m: int, nh: int = DECONV_NH) -> nn.Sequential:
@@ -113,6 +119,32 @@ class AttentionDecoder(nn.Module):
         return torch.sigmoid(self.conv_out(torch.nn.functional.silu(self.norm_out(self.up(h)))))
 
 
+class _Unflattened(nn.Module):
+    """Runs ``decoder`` on ``z (B, prod(shape))`` viewed as ``(B, *shape)``."""
+
+    def __init__(self, decoder: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.decoder, self.shape = decoder, shape
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.decoder(z.view(-1, *self.shape))
+
+
+def autoencoder_kl() -> nn.Module:
+    """A randomly initialised tiny ``diffusers.AutoencoderKL`` decoder (two up blocks of 16/32
+    channels, GroupNorm with 8 groups, the mid-block attention under PyTorch's default attention
+    kernels), ``z (B, 4*16*16) -> (B, 3, 32, 32)``."""
+    import diffusers
+
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=KL_LATENT[0],
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+    return _Unflattened(nn.Sequential(vae.post_quant_conv, vae.decoder), KL_LATENT)
+
+
 def make_decoder(case: Case, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0) -> nn.Module:
     """The case's decoder with PyTorch's default initialisation under ``seed``."""
@@ -123,6 +155,8 @@ def make_decoder(case: Case, device: torch.device | str = "cpu", dtype: torch.dt
             return deconv28(case.m).to(device=device, dtype=dtype)
         if case.kind == "attention":
             return AttentionDecoder().to(device=device, dtype=dtype)
+        if case.kind == "autoencoder_kl":
+            return autoencoder_kl().to(device=device, dtype=dtype)
         widths = case.widths
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -164,7 +198,8 @@ def grid(mode: str, device: torch.device | str) -> list[Case]:
     quick: paper decoder at batch 100 and 1024, a two-point latent sweep, one width and one smooth
     activation (under 3 minutes on 2 CPU cores). medium: the paper decoder at 100 and 1024, the latent
     sweep m in {2, 4, 8, 16, 64}, widths 64/128/512, wide output 3072, softplus and tanh. full: adds
-    batch 8192 everywhere and 65536 for the paper decoder.
+    batch 8192 everywhere and 65536 for the paper decoder. medium and full add a tiny diffusers
+    ``AutoencoderKL`` decoder where diffusers is installed.
     """
     dev = torch.device(device)
     if mode == "quick":
@@ -189,8 +224,10 @@ def grid(mode: str, device: torch.device | str) -> list[Case]:
     cases += [Case(f"deconv28-m{m}", "conv", 64, m=m, kind="deconv28",
                    providers=CONV if m <= 2 else tuple(p for p in CONV if p != "generic-exact")) for m in (2, 16)]
     cases.append(Case("attention-4x8x8", "attention", 8, m=256, kind="attention", providers=ATTENTION))
+    if mode != "quick" and importlib.util.find_spec("diffusers") is not None:
+        cases.append(Case("autoencoder-kl-4x16x16", "attention", 8, m=1024, kind="autoencoder_kl", providers=ATTENTION))
     return cases
 
 
-__all__ = ["ATTENTION", "CONV", "CORE", "SWEEP", "AttentionDecoder", "Case", "Inputs", "deconv28", "grid",
+__all__ = ["ATTENTION", "CONV", "CORE", "SWEEP", "AttentionDecoder", "Case", "Inputs", "autoencoder_kl", "deconv28", "grid",
            "make_decoder", "make_inputs"]

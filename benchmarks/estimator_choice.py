@@ -1,8 +1,10 @@
 """Which estimator should ``estimator="auto"`` take on the generic path? Variance per unit time.
 
-For an MLP (behind a lambda, so on the generic path), the ``DeConvNet28``-style conv decoder and
+For an MLP (behind a lambda, so on the generic path), the ``DeConvNet28``-style conv decoder (as a
+module on the generic path, and as an ``nn.Sequential`` on the stream path: ``deconv-seq``) and
 the residual GroupNorm/attention decoder (image-shaped latent), at latent sizes ``m``, with fixed
-weights and codes, every estimator is run ``draws`` times with fresh probes; the draws alternate
+weights and codes, every estimator is run ``draws`` times with fresh probes (``forward-K*``: the
+default orthonormal frames; ``forward-gauss-K*``: independent Gaussian probes); the draws alternate
 between estimators (one fwd+bwd of the regulariser each, timed). Per estimator:
 
 - ``ms``: median fwd+bwd time;
@@ -32,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import isofast
 from isofast import baselines
+from benchmarks.cases import deconv28
 from tests.helpers import DeConvNet28, ResAttnDecoder
 
 ATTN_LATENTS = {4: (1, 2, 2), 16: (4, 2, 2), 64: (4, 4, 4), 256: (4, 8, 8)}
@@ -41,7 +44,8 @@ def decoders(m: int) -> dict[str, tuple[Callable[[Tensor], Tensor], nn.Module, t
     """name -> (callable, module holding the parameters, latent shape)."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(m, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 784), nn.Sigmoid())
-    out = {"mlp": (lambda z: mlp(z), mlp, (m,)), "deconv": (DeConvNet28(m, nh=2), None, (m,))}
+    out = {"mlp": (lambda z: mlp(z), mlp, (m,)), "deconv": (DeConvNet28(m, nh=2), None, (m,)),
+           "deconv-seq": (deconv28(m, nh=2), None, (m,))}
     if m in ATTN_LATENTS:
         out["attn"] = (ResAttnDecoder(ATTN_LATENTS[m], width=16, groups=4), None, ATTN_LATENTS[m])
     return {k: (f, f if mod is None else mod, shape) for k, (f, mod, shape) in out.items()}
@@ -50,11 +54,13 @@ def decoders(m: int) -> dict[str, tuple[Callable[[Tensor], Tensor], nn.Module, t
 def _estimators(m: int) -> list[tuple[str, str, int | None]]:
     rows: list[tuple[str, str, int | None]] = [("exact", "exact", None)] if m <= 64 else []
     rows += [(f"forward-K{k}", "forward", k) for k in (2, 4, 8, 16)]
+    rows += [(f"forward-gauss-K{k}", "forward-gauss", k) for k in (2, 4)]
     rows += [(f"hutchinson-K{k}", "hutchinson", k) for k in (1, 2)]
     return rows + [("official-K1", "official", 1), ("repeat-K2", "repeat", 2)]
 
 
-def _run(kind: str, dec: Callable[[Tensor], Tensor], params: list[Tensor], z: Tensor, probes: Tensor | None) -> tuple[float, Tensor, float]:
+def _run(kind: str, dec: Callable[[Tensor], Tensor], params: list[Tensor], z: Tensor, probes: Tensor | None,
+         gen: torch.Generator) -> tuple[float, Tensor, float]:
     t0 = time.perf_counter()
     if kind == "official":
         # The official recipe's double backward needs the math attention kernel.
@@ -62,18 +68,25 @@ def _run(kind: str, dec: Callable[[Tensor], Tensor], params: list[Tensor], z: Te
             loss = baselines.official_relaxed_distortion(dec, z, probes[:, 0])  # type: ignore[index]
     elif kind == "repeat":
         loss = baselines.repeated_codes_hutchinson(dec, z, probes)  # type: ignore[arg-type]
+    elif kind == "forward":  # the default draw: orthonormal frames where K <= m
+        loss = isofast.relaxed_distortion(dec, z, eta=None, estimator="forward", n_probes=probes.shape[1],  # type: ignore[union-attr]
+                                          generator=gen)
     else:
-        loss = isofast.relaxed_distortion(dec, z, eta=None, estimator=kind, probes=probes)
+        estimator = "forward" if kind == "forward-gauss" else kind
+        loss = isofast.relaxed_distortion(dec, z, eta=None, estimator=estimator, probes=probes)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     dt = time.perf_counter() - t0
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
     return float(loss.detach()), flat.double(), dt
 
 
-def measure(m_values: tuple[int, ...], batch: int, draws: int, seed: int = 0) -> list[dict[str, Any]]:
+def measure(m_values: tuple[int, ...], batch: int, draws: int, seed: int = 0,
+            names: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for m in m_values:
         for name, (dec, holder, shape) in decoders(m).items():
+            if names and name not in names:
+                continue
             params = [p for p in holder.parameters()]
             gen = torch.Generator().manual_seed(seed + m)
             z = torch.randn(batch, *shape, generator=gen)
@@ -86,7 +99,7 @@ def measure(m_values: tuple[int, ...], batch: int, draws: int, seed: int = 0) ->
                     if kind == "exact" and d > 2:
                         continue  # deterministic: three timings suffice
                     try:
-                        samples[label].append(_run(kind, dec, params, z, probes))
+                        samples[label].append(_run(kind, dec, params, z, probes, gen))
                     except (RuntimeError, NotImplementedError) as exc:
                         errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             if "exact" in samples:
@@ -133,10 +146,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--draws", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--decoders", default="", help="comma-separated decoder names (default: all)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    records = measure(tuple(int(x) for x in args.m.split(",")), args.batch, args.draws)
+    records = measure(tuple(int(x) for x in args.m.split(",")), args.batch, args.draws,
+                      names=tuple(n for n in args.decoders.split(",") if n))
     header = (f"CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}, batch {args.batch}, "
               f"{args.draws} draws per estimator alternating in one process; fp32")
     print(header)

@@ -168,13 +168,14 @@ def _stream_exact(inputs: Inputs, device: torch.device) -> Runner:
 
 
 def _forward_estimator(k: int) -> Callable[[Inputs, torch.device], Runner]:
-    """isofast's first-order estimator (``estimator="forward"``, K probes), where this isofast has it."""
+    """isofast's first-order estimator (``estimator="forward"``, K probes of its default draw), where
+    this isofast has it."""
     def build(inputs: Inputs, device: torch.device) -> Runner:
         if "forward" not in isofast._checks.ESTIMATORS:
             raise Skip("this isofast has no estimator='forward'")
-        p = inputs.probes[:, :k].contiguous()
-        return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, estimator="forward", probes=p),
-                             inputs, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, estimator="forward", n_probes=k,
+                                                                     generator=gen), inputs, device)
     return build
 
 

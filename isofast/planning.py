@@ -26,13 +26,16 @@ from isofast.streams import SequentialSpec, plan_sequential
 #: ``estimator="exact"`` to buy zero variance at larger m.
 EXACT_MAX_LATENT = 2
 
-#: The generic path's ``auto``: the first-order ``forward`` estimator with :data:`FORWARD_PROBES`
-#: probes (of K = 2..16 it leaves the least parameter-gradient variance per unit time on the MLP,
-#: conv and attention decoders of benchmarks/results/estimator_choice.md), and the exact metric
-#: wherever its m streams are no more than those K (at m = 16 both cost the same there). The VJP
-#: (Hutchinson) estimator leaves less gradient variance per unit time on conv decoders but needs a
-#: double backward, so ``auto`` never takes it.
-FORWARD_PROBES = 16
+#: The generic and stream paths' ``auto``: the first-order ``forward`` estimator on
+#: :data:`FORWARD_PROBES` orthonormal probe directions per sample, and the exact metric wherever
+#: ``m`` is no more than those ``K`` (a full frame is exact, at the same cost). With orthonormal
+#: frames the parameter-gradient variance falls about fourfold per doubling of ``K`` while the
+#: cost doubles; at ``K = 8`` and ``m = 16`` it leaves less variance per unit time than the
+#: official one-probe recipe on the conv (generic and stream path) and attention decoders of
+#: benchmarks/results/estimator_choice.md, at 1.3-1.9 times its time per step. The VJP
+#: (Hutchinson) estimator needs a double backward, so ``auto`` never takes it unless one probe
+#: is given.
+FORWARD_PROBES = 8
 GENERIC_EXACT_MAX_LATENT = FORWARD_PROBES
 
 #: The largest exact pullback metric the generic path builds: ``B m^2`` entries.
@@ -159,8 +162,10 @@ def _estimator(
         if estimator == "auto":
             if fused:
                 return "hutchinson", "probes were given (estimator='forward' takes them too)"
-            return "hutchinson", ("probes were given: Hutchinson, whose VJP is a double backward off the fused path; "
-                                  "pass estimator='forward' (K >= 2) to stay first order")
+            if probes.shape[1] >= 2:
+                return "forward", "auto: probes were given, K >= 2: the first-order estimator on their pairs"
+            return "hutchinson", ("one probe was given: Hutchinson, whose VJP is a double backward off the fused path; "
+                                  "give K >= 2 probes (or none) to stay first order")
     if estimator == "auto":
         if measure in EXACT_ONLY:
             chosen, why = "exact", f"measure {measure!r} needs the exact metric"
@@ -173,7 +178,8 @@ def _estimator(
                                     f"streams cost no more than the forward estimator's {FORWARD_PROBES} and have no variance")
         else:
             chosen, why = "forward", (f"auto (generic): m = {m} > {GENERIC_EXACT_MAX_LATENT}, the first-order estimator with "
-                                      f"{FORWARD_PROBES} probes (no double backward; isofast.planning.FORWARD_PROBES)")
+                                      f"{FORWARD_PROBES} probes (no double backward; isofast.planning.FORWARD_PROBES; "
+                                      f"n_probes=2 is about twice as fast per step, with more gradient variance per unit time)")
     else:
         chosen, why = estimator, "requested"
     if chosen == "exact" and n_probes is not None:

@@ -98,6 +98,14 @@ def test_auto_on_the_generic_path_and_forward_on_an_mlp():
     assert p.path == "generic" and p.estimator == "forward"
 
 
+def test_auto_with_given_probes_stays_first_order_off_the_fused_path():
+    dec, z = ConvDecoder(3), torch.randn(4, 3, dtype=torch.float64)
+    p = isofast.plan(dec, z, probes=torch.randn(4, 2, 3, dtype=torch.float64))
+    assert (p.estimator, p.probe_distribution) == ("forward", "gaussian")
+    p = isofast.plan(dec, z, probes=torch.randn(4, 1, 3, dtype=torch.float64))
+    assert p.estimator == "hutchinson" and "double backward" in p.reasons["estimator"]
+
+
 class _OnceDifferentiableTanh(torch.autograd.Function):
     """tanh whose backward cannot itself be differentiated: a double backward through it fails."""
 
