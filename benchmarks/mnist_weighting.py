@@ -11,6 +11,9 @@ the selected (best validation MSE) models' test metrics, to one JSON file::
 and draws validation MSE, MCN, VoR and sigma against epochs next to it (``.png``); ``--plot-only``
 redraws the figure from an existing JSON. ``--pareto A.json B.json ... --out P.png`` draws test MSE
 against test MCN of the final models of several such files, one line per weighting across weights.
+``--merge A.json B.json ... --out C.json`` gathers the runs of several files (one per seed, say)
+into one, keyed ``"<weighting> w<weight> seed <seed>"``, with a per-weighting summary (mean and
+range of the test metrics over seeds), and draws them together.
 """
 
 from __future__ import annotations
@@ -76,6 +79,29 @@ def pareto(files: list[str], path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def merge(files: list[str]) -> dict[str, object]:
+    """The runs of several result files in one, with the test metrics summarised per weighting and weight."""
+    merged: dict[str, object] = {"setting": None, "machine": None, "runs": {}, "summary": {}}
+    for name in files:
+        with open(name) as f:
+            result = json.load(f)
+        setting = dict(result["setting"])
+        merged["setting"] = merged["setting"] or {k: v for k, v in setting.items() if k not in ("seed", "iso_weight")}
+        merged["machine"] = merged["machine"] or result["machine"]
+        for weighting, run in result["runs"].items():
+            key = f"{weighting} w{setting['iso_weight']:g} seed {setting['seed']}"
+            merged["runs"][key] = run  # type: ignore[index]
+            group = merged["summary"].setdefault(f"{weighting} w{setting['iso_weight']:g}", {"seeds": []})  # type: ignore[union-attr]
+            group["seeds"].append(setting["seed"])
+            for which in ("test_final", "test_selected"):
+                for metric in ("mse", "mcn", "vor"):
+                    group.setdefault(which, {}).setdefault(metric, []).append(run[which][metric])
+    for group in merged["summary"].values():  # type: ignore[union-attr]
+        for which in ("test_final", "test_selected"):
+            group[which] = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in group[which].items()}
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir")
@@ -88,9 +114,16 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="results JSON (the figure is written next to it)")
     ap.add_argument("--pareto", nargs="+", metavar="JSON", help="draw the MSE / MCN figure of these results to OUT")
     ap.add_argument("--plot-only", action="store_true", help="redraw OUT's figure, train nothing")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="gather these results' runs into OUT and draw them")
     args = ap.parse_args()
     if args.pareto:
         pareto(args.pareto, args.out)
+        return
+    if args.merge:
+        result = merge(args.merge)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        plot(result, os.path.splitext(args.out)[0] + ".png")
         return
     if not (args.data_dir and args.runs):
         ap.error("--data-dir and --runs are needed to train")

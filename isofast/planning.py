@@ -32,7 +32,7 @@ EXACT_MAX_LATENT = 2
 #: frames the parameter-gradient variance falls about fourfold per doubling of ``K`` while the
 #: cost doubles; at ``K = 8`` and ``m = 16`` it leaves less variance per unit time than the
 #: official one-probe recipe on the conv (generic and stream path) and attention decoders of
-#: benchmarks/results/estimator_choice.md, at 1.3-1.9 times its time per step. The VJP
+#: benchmarks/results/estimator_choice.md, at 1.2-1.9 times its time per step. The VJP
 #: (Hutchinson) estimator needs a double backward, so ``auto`` never takes it unless one probe
 #: is given.
 FORWARD_PROBES = 8
