@@ -254,8 +254,8 @@ def plan(
 
 def _probe_distribution(estimator: str, k: int | None, m: int, given: bool) -> tuple[str | None, str]:
     """How the probes are drawn (or read), and why: the first-order estimator takes orthonormal
-    frames where it can (exact at ``K = m`` and at ``H = c I``, and never worse than independent
-    draws in the tests of docs/maths.md section 3)."""
+    frames where it can (exact at ``K = m`` and at ``H = c I``, less variance than independent
+    draws wherever measured; docs/maths.md section 3)."""
     if estimator == "exact":
         return None, ""
     if estimator == "hutchinson":

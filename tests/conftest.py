@@ -102,3 +102,9 @@ def pullback_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Ten
     """``H = J^T J`` per sample ``(B, m, m)`` from the brute-force Jacobian (differentiable)."""
     j = jacobian_brute_force(decoder, z)
     return j.transpose(1, 2) @ j
+
+
+def traces_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detached ``(H (B, m, m), Tr H (B,), Tr H^2 (B,))`` from the brute-force pullback metric."""
+    h = pullback_brute_force(decoder, z).detach()
+    return h, torch.diagonal(h, dim1=1, dim2=2).sum(-1), (h @ h).diagonal(dim1=1, dim2=2).sum(-1)
