@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds, starting at --seed (default: 3)")
     parser.add_argument("--fidelity-dataset", default="swissroll",
                         help="synthetic manifold with known coordinates for the geodesic-fidelity score: "
-                             "swissroll (flat, default), spherecap (curved) or none")
+                             "swissroll (flat, default), shortroll (flat, short enough to unroll in 30 epochs), "
+                             "spherecap (curved) or none")
     parser.add_argument("--fidelity-epochs", type=int, default=SWEEP_DEFAULTS["fidelity_epochs"],
                         help=f"epochs of the fidelity runs (default: {SWEEP_DEFAULTS['fidelity_epochs']})")
     parser.add_argument("--eval-points", type=int, default=SWEEP_DEFAULTS["eval_points"],
