@@ -66,42 +66,48 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "mlp_pullback_forward",
       [](const at::Tensor& z, const std::vector<at::Tensor>& w, const std::vector<c10::optional<at::Tensor>>& b,
-         const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds) {
-        return isofast::mlp_pullback_forward(z, w, b, make_acts(codes, coefs, thresholds));
+         const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds,
+         const c10::optional<at::Tensor>& data_weight) {
+        return isofast::mlp_pullback_forward(z, w, b, make_acts(codes, coefs, thresholds), data_weight);
       },
-      "exact pullback metric H (B, m, m) and the tensors its backward needs", pybind11::arg("z"),
-      pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("codes"), pybind11::arg("coefs"),
-      pybind11::arg("thresholds"));
+      "exact pullback metric H (B, m, m) = J^T diag(data_weight) J and the tensors its backward needs",
+      pybind11::arg("z"), pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("codes"),
+      pybind11::arg("coefs"), pybind11::arg("thresholds"), pybind11::arg("data_weight") = pybind11::none());
   m.def(
       "mlp_pullback_backward",
       [](const at::Tensor& g, const std::vector<at::Tensor>& w, const std::vector<bool>& has_bias,
          const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds,
-         const std::vector<at::Tensor>& saved) {
-        return isofast::mlp_pullback_backward(g, w, has_bias, make_acts(codes, coefs, thresholds), saved);
+         const std::vector<at::Tensor>& saved, const c10::optional<at::Tensor>& data_weight) {
+        return isofast::mlp_pullback_backward(g, w, has_bias, make_acts(codes, coefs, thresholds), saved,
+                                              data_weight);
       },
       "(grad_z, grad_weights, grad_biases) of mlp_pullback", pybind11::arg("grad_h"), pybind11::arg("weights"),
       pybind11::arg("has_bias"), pybind11::arg("codes"), pybind11::arg("coefs"), pybind11::arg("thresholds"),
-      pybind11::arg("saved"));
+      pybind11::arg("saved"), pybind11::arg("data_weight") = pybind11::none());
   m.def(
       "mlp_hutchinson_forward",
       [](const at::Tensor& z, const at::Tensor& probes, const std::vector<at::Tensor>& w,
          const std::vector<c10::optional<at::Tensor>>& b, const std::vector<int64_t>& codes,
-         const std::vector<double>& coefs, const std::vector<double>& thresholds) {
-        return isofast::mlp_hutchinson_forward(z, probes, w, b, make_acts(codes, coefs, thresholds));
+         const std::vector<double>& coefs, const std::vector<double>& thresholds,
+         const c10::optional<at::Tensor>& data_weight) {
+        return isofast::mlp_hutchinson_forward(z, probes, w, b, make_acts(codes, coefs, thresholds), data_weight);
       },
-      "Hutchinson statistics (B, K, 2) and the tensors its backward needs", pybind11::arg("z"),
-      pybind11::arg("probes"), pybind11::arg("weights"), pybind11::arg("biases"), pybind11::arg("codes"),
-      pybind11::arg("coefs"), pybind11::arg("thresholds"));
+      "Hutchinson statistics (B, K, 2) (under the data-space metric diag(data_weight)) and the tensors its "
+      "backward needs",
+      pybind11::arg("z"), pybind11::arg("probes"), pybind11::arg("weights"), pybind11::arg("biases"),
+      pybind11::arg("codes"), pybind11::arg("coefs"), pybind11::arg("thresholds"),
+      pybind11::arg("data_weight") = pybind11::none());
   m.def(
       "mlp_hutchinson_backward",
       [](const at::Tensor& g, const std::vector<at::Tensor>& w, const std::vector<bool>& has_bias,
          const std::vector<int64_t>& codes, const std::vector<double>& coefs, const std::vector<double>& thresholds,
-         const std::vector<at::Tensor>& saved) {
-        return isofast::mlp_hutchinson_backward(g, w, has_bias, make_acts(codes, coefs, thresholds), saved);
+         const std::vector<at::Tensor>& saved, const c10::optional<at::Tensor>& data_weight) {
+        return isofast::mlp_hutchinson_backward(g, w, has_bias, make_acts(codes, coefs, thresholds), saved,
+                                                data_weight);
       },
       "(grad_z, grad_weights, grad_biases) of mlp_hutchinson", pybind11::arg("grad_stats"),
       pybind11::arg("weights"), pybind11::arg("has_bias"), pybind11::arg("codes"), pybind11::arg("coefs"),
-      pybind11::arg("thresholds"), pybind11::arg("saved"));
+      pybind11::arg("thresholds"), pybind11::arg("saved"), pybind11::arg("data_weight") = pybind11::none());
 
   m.def("eigvalsh", &isofast::spectral_eigvalsh, "ascending eigenvalues (B, m) of symmetric (B, m, m), m <= 32",
         pybind11::arg("H"));

@@ -5,9 +5,9 @@ The regulariser of Lee et al., "Regularized Autoencoders for Isometric Represent
 fused multi-stream kernels for MLP decoders, forward-mode AD for any other decoder.
 """
 
-from isofast import backends, metrics
-from isofast.api import IsometricRegularizer, distortion, pullback_metric, relaxed_distortion
-from isofast.measures import MEASURES
+from isofast import backends, geometry, metrics
+from isofast.api import IsometricRegularizer, distortion, path_lengths, pullback_metric, relaxed_distortion
+from isofast.measures import MEASURES, PATH_MEASURES
 from isofast.mixup import mixup
 from isofast.planning import Plan, plan
 
@@ -15,13 +15,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MEASURES",
+    "PATH_MEASURES",
     "IsometricRegularizer",
     "Plan",
     "__version__",
     "backends",
     "distortion",
+    "geometry",
     "metrics",
     "mixup",
+    "path_lengths",
     "plan",
     "pullback_metric",
     "relaxed_distortion",

@@ -15,7 +15,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 #: Bump when the binding signatures change; reaches ``bindings.cpp`` as ``-DISOFAST_ABI_VERSION``.
-ABI_VERSION = 1
+ABI_VERSION = 2
 #: Module names of the ahead-of-time and the just-in-time builds.
 AOT_NAME = "isofast._C"
 JIT_NAME = "isofast_C"

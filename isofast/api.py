@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from isofast import scale
 from isofast._checks import ESTIMATORS, can_read_values, check_choice, check_eta
 from isofast.backends.base import acc_dtype
-from isofast.generic import Scaled, forward_traces, generic_metric, hutchinson_traces, unscale
-from isofast.measures import MEASURES, BatchMean, from_metric, from_traces
+from isofast.generic import Scaled, forward_traces, generic_metric, hutchinson_traces, path_lengths as _lengths, unscale
+from isofast.geometry import whiten_metric
+from isofast.measures import MEASURES, PATH_MEASURES, BatchMean, from_metric, from_path_lengths, from_traces
 from isofast.mixup import mixup_unchecked
 from isofast.ops import mlp_hutchinson, mlp_pullback
 from isofast.planning import Plan, plan
@@ -22,20 +23,31 @@ from isofast.train_mode import frozen_running_stats
 Decoder = Callable[[Tensor], Tensor]
 
 
+def _data_weight(p: Plan, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The fused ops' ``data_weight`` keyword: the diagonal data metric in ``dtype``, if any."""
+    data = p.geo.data
+    if data is None:
+        return {}
+    data.check_size(p.spec.out_features)  # type: ignore[union-attr]
+    return {"data_weight": data.weight.to(dtype)}  # type: ignore[union-attr]
+
+
 def _metric(p: Plan, z: Tensor) -> Tensor:
-    """Exact ``H (B, m, m)`` on the fused MLP path."""
-    if p.compute_dtype is None:
-        return mlp_pullback(p.backend_impl, p.spec, z)  # type: ignore[arg-type]
+    """Exact ``H (B, m, m)`` on the fused MLP path (``J^T G J``, whitened by a latent metric)."""
+    dt = p.compute_dtype or z.dtype
     # Under autocast the op gets its inputs in the planned dtype (and keeps autocast out of its kernels).
-    return mlp_pullback(p.backend_impl, p.spec.to(p.compute_dtype), z.to(p.compute_dtype))  # type: ignore[arg-type, union-attr]
+    spec, zc = (p.spec, z) if p.compute_dtype is None else (p.spec.to(dt), z.to(dt))  # type: ignore[union-attr]
+    h = mlp_pullback(p.backend_impl, spec, zc, **_data_weight(p, dt))  # type: ignore[arg-type]
+    whitening = p.geo.whitening(z)
+    return h if whitening is None else whiten_metric(whitening, h)
 
 
 def _stats(p: Plan, z: Tensor, probes: Tensor) -> Tensor:
     """Hutchinson statistics ``(B, K, 2)`` on the fused MLP path."""
+    dt = p.compute_dtype or z.dtype
     if p.compute_dtype is None:
-        return mlp_hutchinson(p.backend_impl, p.spec, z, probes)  # type: ignore[arg-type]
-    dt = p.compute_dtype
-    return mlp_hutchinson(p.backend_impl, p.spec.to(dt), z.to(dt), probes.to(dt))  # type: ignore[arg-type, union-attr]
+        return mlp_hutchinson(p.backend_impl, p.spec, z, probes, **_data_weight(p, dt))  # type: ignore[arg-type]
+    return mlp_hutchinson(p.backend_impl, p.spec.to(dt), z.to(dt), probes.to(dt), **_data_weight(p, dt))  # type: ignore[arg-type, union-attr]
 
 
 def _scaled_stats(p: Plan, z: Tensor, probes: Tensor, measure: str, mean: BatchMean) -> tuple[Tensor, float | None]:
@@ -51,25 +63,44 @@ def _scaled_stats(p: Plan, z: Tensor, probes: Tensor, measure: str, mean: BatchM
     return stats, factor
 
 
-def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group: object | None) -> Scaled:
-    """The generic path's scale-normalised statistics. Under ``torch.inference_mode`` (where
-    forward mode is off) they are computed outside it on copies of the inputs."""
-    args = (z,) if probes is None else (z, probes)
+def _outside_inference_mode(fn: Callable[..., object], *args: Tensor) -> object:
+    """``fn(*args)``; under ``torch.inference_mode`` (where forward mode is off) outside it, on
+    copies of the inputs."""
     if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         with torch.inference_mode(False), torch.no_grad():
-            return _generic_stats(p, decoder, tuple(a.clone() for a in args), group)
-    return _generic_stats(p, decoder, args, group)
+            return fn(*(a.clone() for a in args))
+    return fn(*args)
+
+
+def _generic(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, group: object | None) -> Scaled:
+    """The generic path's scale-normalised statistics."""
+    args = (z,) if probes is None else (z, probes)
+    return _outside_inference_mode(lambda *a: _generic_stats(p, decoder, a, group), *args)  # type: ignore[return-value]
 
 
 def _generic_stats(p: Plan, decoder: Decoder, args: tuple[Tensor, ...], group: object | None) -> Scaled:
     # The stream path computes the tangent images from the decoder's layers (p.spec).
     source = p.spec if p.path == "fused_sequential" else decoder
+    geo = p.geo
     with frozen_running_stats(decoder):
         if p.estimator == "exact":
-            return generic_metric(source, *args, group=group)  # type: ignore[arg-type]
+            return generic_metric(source, *args, group=group, geo=geo)  # type: ignore[arg-type]
         if p.estimator == "forward":
-            return forward_traces(source, *args, group=group, orthonormal=p.probe_distribution == "orthonormal")  # type: ignore[arg-type]
-        return hutchinson_traces(source, *args, group=group)  # type: ignore[arg-type]
+            return forward_traces(source, *args, group=group, orthonormal=p.probe_distribution == "orthonormal", geo=geo)  # type: ignore[arg-type]
+        return hutchinson_traces(source, *args, group=group, geo=geo)  # type: ignore[arg-type]
+
+
+def _path_lengths(p: Plan, decoder: Decoder, z: Tensor, generator: torch.Generator | None,
+                  group: object | None) -> Tensor:
+    """Path lengths ``(B,)`` of the planned call, in the data's units."""
+    source = p.spec if p.path == "fused_sequential" else decoder
+
+    def run(zz: Tensor) -> Tensor:
+        with frozen_running_stats(decoder):
+            lengths, s = _lengths(source, zz, p.estimator, generator, group, p.geo)  # type: ignore[arg-type]
+        return unscale(lengths, s, 1, "the path length")
+
+    return _outside_inference_mode(run, z)  # type: ignore[return-value]
 
 
 def _generic_distortion(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | None, measure: str,
@@ -88,18 +119,70 @@ def _generic_distortion(p: Plan, decoder: Decoder, z: Tensor, probes: Tensor | N
     return from_traces(measure, tr, tr2, z[0].numel(), mean)  # type: ignore[arg-type]
 
 
-def pullback_metric(decoder: Decoder, z: Tensor) -> Tensor:
-    """Exact pullback metric ``H_b = J(z_b)^T J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, *latent_shape)``
+def pullback_metric(decoder: Decoder, z: Tensor, *, data_metric: object = None, latent_metric: object = None) -> Tensor:
+    """Exact pullback metric ``H_b = J(z_b)^T G J(z_b)``, shape ``(B, m, m)``, at codes ``z (B, *latent_shape)``
     with ``m = prod(latent_shape)``.
 
     ``decoder`` maps ``(B, *latent_shape)`` to ``(B, ...)``; codes and outputs are flattened per
-    sample. Differentiable in ``z`` and the decoder's parameters.
+    sample. ``data_metric`` is ``G`` (default the identity; see :func:`distortion`). With a
+    ``latent_metric`` ``M(z) = L L^T`` the result is ``L^{-1} H L^{-T}``: ``H`` in an
+    ``M``-orthonormal frame, whose eigenvalues are those of ``M^{-1} H`` (1 everywhere for an
+    isometry onto ``M``). Differentiable in ``z`` and the decoder's parameters.
     """
-    p = plan(decoder, z, measure=None, eta=None)
+    p = plan(decoder, z, measure=None, eta=None, data_metric=data_metric, latent_metric=latent_metric)
     if p.path == "fused_mlp":
         return _metric(p, z)
     sc = _generic(p, decoder, z, None, None)
     return unscale(sc.metric, sc.scale2, 1, "the pullback metric")  # type: ignore[arg-type]
+
+
+def path_lengths(decoder: Decoder, z: Tensor, *, eta: float | None = None, estimator: str = "auto",
+                 generator: torch.Generator | None = None, data_metric: object = None,
+                 latent_metric: object = None) -> Tensor:
+    """StyleGAN2's path lengths ``L_b = ||J(z_b)^T w_b||`` at codes ``z (B, *latent_shape)``: ``(B,)``.
+
+    ``w_b ~ N(0, I_D) / sqrt(D)`` is drawn in data space (``D`` outputs per sample) with
+    ``generator``; with a data metric ``G = R^T R`` the lengths are ``||J^T R^T w||``, with a latent
+    metric ``M`` the dual norm ``||L^{-1} J^T R^T w||`` (``M = L L^T``). ``estimator``: ``"exact"``
+    (the default under ``"auto"``: ``J^T w`` from ``m`` tangent streams, first order) or
+    ``"hutchinson"`` (one VJP, a double backward when differentiated). ``eta``: mixup first
+    (default ``None``: the codes as given). Draw order: mixup, then the noise.
+    """
+    p = plan(decoder, z, "path_length", eta=eta, estimator=estimator, generator=generator,
+             data_metric=data_metric, latent_metric=latent_metric)
+    return _path_lengths(p, decoder, mixup_unchecked(z, eta, generator), generator, None)
+
+
+def _evaluate(p: Plan, decoder: Decoder, z: Tensor, eta: float | None, probes: Tensor | None,
+              generator: torch.Generator | None, mean: BatchMean,
+              path_target: Callable[[Tensor], Tensor | float | None] | None = None) -> Tensor:
+    """The planned measure of ``decoder`` on mixup-augmented codes (see :func:`distortion`).
+    ``path_target`` maps the path lengths ``(B,)`` to the penalty's target ``a`` (default: none,
+    the detached batch mean)."""
+    measure = p.measure
+    z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
+    if measure in PATH_MEASURES:
+        lengths = _path_lengths(p, decoder, z_aug, generator, mean.group)
+        value = from_path_lengths(lengths, None if path_target is None else path_target(lengths), mean)
+    else:
+        if p.estimator != "exact" and probes is None:
+            probes = draw_probes(p.probe_distribution, z, p.n_probes, generator)  # type: ignore[arg-type]
+        if p.path != "fused_mlp":
+            value = _generic_distortion(p, decoder, z_aug, probes, measure, mean)  # type: ignore[arg-type]
+        elif p.estimator == "exact":
+            value = from_metric(measure, _metric(p, z_aug), mean)  # type: ignore[arg-type]
+        else:
+            stats, factor = _scaled_stats(p, z_aug, probes, measure, mean)  # type: ignore[arg-type]
+            stats = stats.mean(1)
+            tr, tr2 = stats[:, 0], stats[:, 1]
+            whitening = p.geo.whitening(z_aug)
+            if whitening is not None:  # conformal (plan routes matrix metrics with probes elsewhere): H / lambda
+                inv = whitening.square().to(tr.dtype)
+                tr, tr2 = tr * inv, tr2 * inv.square()
+            value = from_traces(measure, tr, tr2, z.shape[1], mean, factor)  # type: ignore[arg-type]
+    if can_read_values():
+        scale.check_representable(value, measure)  # type: ignore[arg-type]
+    return value
 
 
 def distortion(
@@ -113,6 +196,8 @@ def distortion(
     probes: Tensor | None = None,
     generator: torch.Generator | None = None,
     sync: bool | object = False,
+    data_metric: object = None,
+    latent_metric: object = None,
 ) -> Tensor:
     """A distortion measure of ``decoder`` on mixup-augmented codes; a 0-d tensor.
 
@@ -124,8 +209,10 @@ def distortion(
             back into them (and so into an encoder).
         measure: ``"scaled_isometry"`` (``mean Tr H^2 / (mean Tr H)^2``, minimum ``1/m``),
             ``"isometry"`` (``mean Tr (H - I)^2``), ``"conformal"`` (``mean Tr H^2 / (Tr H)^2``),
-            ``"volume"`` (variance of ``logdet H``, exact only) or ``"jacobian_frobenius"``
-            (``mean Tr H``). Means are over the augmented batch.
+            ``"volume"`` (variance of ``logdet H``, exact only), ``"jacobian_frobenius"``
+            (``mean Tr H``) or ``"path_length"`` (StyleGAN2's ``mean (L_b - a)^2`` of the path
+            lengths of :func:`path_lengths`, ``a`` their detached batch mean; exact or hutchinson).
+            Means are over the augmented batch.
         eta: mixup range, ``alpha ~ U[-eta, 1 + eta]``, a real number in
             ``[0, isofast._checks.ETA_MAX]`` (1000); ``None`` uses ``z`` as given.
         estimator: ``"exact"`` (H from ``m`` tangent streams), ``"forward"`` (first order, generic
@@ -139,26 +226,20 @@ def distortion(
             (a ``generator`` reproduces the default draws instead).
         generator: drives the mixup and probe draws, on ``z``'s device.
         sync: ``True`` or a process group to average over the global batch of all ranks.
+        data_metric: the data-space metric ``G`` of ``H = J^T G J`` (:mod:`isofast.geometry`):
+            ``None`` (identity), positive per-output weights (a tensor of ``D`` entries: a diagonal
+            ``G``), ``isofast.geometry.spd_matrix(G)`` for a fixed SPD ``(D, D)`` matrix, or a
+            callable ``(x (N, D), w (N, D)) -> G(x) w`` on rows flattened per sample.
+        latent_metric: the metric ``M(z)`` the distortion is measured against (the measures see
+            the eigenvalues of ``M^{-1} H``): ``None`` (identity), ``"sphere_stereographic"``, a
+            fixed SPD ``(m, m)`` tensor, or a callable mapping codes ``(B, m)`` to ``(B,)``
+            conformal factors or ``(B, m, m)`` metrics.
 
-    Draw order: mixup permutation, mixup coefficients, then probes.
+    Draw order: mixup permutation, mixup coefficients, then probes (or the path-length noise).
     """
     p = plan(decoder, z, measure, eta=eta, estimator=estimator, n_probes=n_probes, probes=probes,
-             generator=generator, sync=sync)
-    z_aug = mixup_unchecked(z, eta, generator)  # plan() validated every argument
-    mean = BatchMean(sync)
-    if p.estimator != "exact" and probes is None:
-        probes = draw_probes(p.probe_distribution, z, p.n_probes, generator)  # type: ignore[arg-type]
-    if p.path != "fused_mlp":
-        value = _generic_distortion(p, decoder, z_aug, probes, measure, mean)
-    elif p.estimator == "exact":
-        value = from_metric(measure, _metric(p, z_aug), mean)
-    else:
-        stats, factor = _scaled_stats(p, z_aug, probes, measure, mean)  # type: ignore[arg-type]
-        stats = stats.mean(1)
-        value = from_traces(measure, stats[:, 0], stats[:, 1], z.shape[1], mean, factor)
-    if can_read_values():
-        scale.check_representable(value, measure)
-    return value
+             generator=generator, sync=sync, data_metric=data_metric, latent_metric=latent_metric)
+    return _evaluate(p, decoder, z, eta, probes, generator, BatchMean(sync))
 
 
 def relaxed_distortion(
@@ -171,11 +252,15 @@ def relaxed_distortion(
     probes: Tensor | None = None,
     generator: torch.Generator | None = None,
     sync: bool | object = False,
+    data_metric: object = None,
+    latent_metric: object = None,
 ) -> Tensor:
     """IRVAE's loss ``mean_b Tr H_b^2 / (mean_b Tr H_b)^2``: :func:`distortion` with
-    ``measure="scaled_isometry"``. Scale invariant; its minimum ``1/m`` means ``H = c I``."""
+    ``measure="scaled_isometry"``. Scale invariant; its minimum ``1/m`` means ``H = c I``
+    (``H = c M`` with a latent metric)."""
     return distortion(decoder, z, "scaled_isometry", eta=eta, estimator=estimator, n_probes=n_probes,
-                      probes=probes, generator=generator, sync=sync)
+                      probes=probes, generator=generator, sync=sync, data_metric=data_metric,
+                      latent_metric=latent_metric)
 
 
 class IsometricRegularizer(nn.Module):
@@ -195,7 +280,14 @@ class IsometricRegularizer(nn.Module):
       batch (drawn first, with ``generator``), an unbiased estimate of the full batch's.
 
     In eval mode every call computes the full-batch distortion, unscaled.
+
+    ``measure="path_length"`` is StyleGAN2's path-length regulariser ``mean (L_b - a)^2``: ``a`` is an
+    exponential moving average of the mean path length kept in the buffer ``pl_mean`` (updated
+    first on every regularising call in training mode, ``a <- a + pl_decay (mean L - a)``, from 0;
+    read as is in eval mode). ``data_metric`` and ``latent_metric`` are those of :func:`distortion`.
     """
+
+    pl_mean: Tensor
 
     def __init__(
         self,
@@ -207,9 +299,12 @@ class IsometricRegularizer(nn.Module):
         sync: bool | object = False,
         every: int = 1,
         subsample: float = 1.0,
+        data_metric: object = None,
+        latent_metric: object = None,
+        pl_decay: float = 0.01,
     ) -> None:
         super().__init__()
-        check_choice("measure", measure, list(MEASURES))
+        check_choice("measure", measure, [*MEASURES, *PATH_MEASURES])
         check_choice("estimator", estimator, ESTIMATORS)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
@@ -218,6 +313,12 @@ class IsometricRegularizer(nn.Module):
         self.measure, self.weight, self.eta = measure, float(weight), check_eta(eta)
         self.estimator, self.n_probes, self.sync = estimator, n_probes, sync
         self.every, self.subsample, self.calls = every, float(subsample), 0
+        self.data_metric, self.latent_metric = data_metric, latent_metric
+        if not (isinstance(pl_decay, (int, float)) and not isinstance(pl_decay, bool) and 0 < pl_decay <= 1):
+            raise ValueError(f"pl_decay must be a number in (0, 1], got {pl_decay!r}")
+        self.pl_decay = float(pl_decay)
+        if measure in PATH_MEASURES:
+            self.register_buffer("pl_mean", torch.zeros((), dtype=torch.float32))
 
     def forward(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None,
                 recon_scale: Tensor | float | None = None) -> Tensor:
@@ -243,8 +344,8 @@ class IsometricRegularizer(nn.Module):
             if self.subsample < 1:
                 n = math.ceil(self.subsample * z.shape[0])
                 z = z[torch.randperm(z.shape[0], generator=generator, device=z.device)[:n]]
-        loss = factor * distortion(decoder, z, self.measure, eta=self.eta, estimator=self.estimator,
-                                  n_probes=self.n_probes, generator=generator, sync=self.sync)
+        p = self.plan(decoder, z, generator)
+        loss = factor * _evaluate(p, decoder, z, self.eta, None, generator, BatchMean(self.sync), self._path_target)
         if recon_scale is None:
             return loss
         if isinstance(recon_scale, Tensor):
@@ -262,10 +363,17 @@ class IsometricRegularizer(nn.Module):
     def set_extra_state(self, state: dict[str, int]) -> None:
         self.calls = int(state["calls"])
 
-    def plan(self, decoder: Decoder, z: Tensor) -> Plan:
+    def _path_target(self, lengths: Tensor) -> Tensor:
+        """The path-length target: the running mean, first moved towards this batch's mean in training mode."""
+        if self.training:
+            (batch_mean,) = BatchMean(self.sync)(lengths.detach().to(self.pl_mean.dtype))
+            self.pl_mean.lerp_(batch_mean.to(self.pl_mean.device), self.pl_decay)
+        return self.pl_mean
+
+    def plan(self, decoder: Decoder, z: Tensor, generator: torch.Generator | None = None) -> Plan:
         """What :meth:`forward` will do for these arguments (on a call that regularises)."""
         return plan(decoder, z, self.measure, eta=self.eta, estimator=self.estimator, n_probes=self.n_probes,
-                    sync=self.sync)
+                    generator=generator, sync=self.sync, data_metric=self.data_metric, latent_metric=self.latent_metric)
 
     def extra_repr(self) -> str:
         return (f"measure={self.measure!r}, weight={self.weight}, eta={self.eta}, estimator={self.estimator!r}, "

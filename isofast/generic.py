@@ -35,9 +35,10 @@ from torch import Tensor
 
 from isofast._checks import can_read_values
 from isofast.backends.base import acc_dtype
+from isofast.geometry import IDENTITY, Geometry, whiten_covectors, whiten_vectors
 from isofast.ops.tangent_gram import tangent_gram, tangent_sqnorm
 from isofast import streams
-from isofast.tangents import tangent_images
+from isofast.tangents import checked_decoder, tangent_images
 
 Decoder = Callable[[Tensor], Tensor]
 
@@ -68,14 +69,56 @@ def _scale(jv: Tensor, group: object | None) -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _normalised_images(decoder: Decoder, z: Tensor, vectors: Tensor, group: object | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(primal (B, D), a (B, K, D) = J v / s in fp32+, s)``."""
+@dataclass
+class Images:
+    """Normalised tangent images of one call: ``a (B, K, D) = R J S v / s`` in fp32 or wider,
+    ``ga = G(x) a`` for a product-form data metric (else ``None``), the primal ``(B, D)`` and the
+    detached scale ``s`` (0-d)."""
+
+    primal: Tensor
+    a: Tensor
+    ga: Tensor | None
+    s: Tensor
+
+    def gram(self) -> Tensor:
+        """``(B, K, K)``: ``a a^T``, or ``a (G a)^T`` for a product-form metric (checked symmetric
+        and with a non-negative diagonal, where values may be read)."""
+        if self.ga is None:
+            return tangent_gram(self.a)
+        g = self.a @ self.ga.transpose(1, 2)
+        if can_read_values():
+            diag = torch.diagonal(g.detach(), dim1=1, dim2=2)
+            big = g.detach().abs().amax().clamp_min(torch.finfo(g.dtype).tiny)
+            if bool((diag < -1e-6 * big).any()):
+                raise ValueError("data_metric(x, w) is not positive semi-definite: w^T G(x) w < 0 for a tangent image")
+            asym = float((g - g.transpose(1, 2)).detach().abs().amax() / big)
+            if asym > (1e-10 if g.dtype == torch.float64 else 1e-4):
+                raise ValueError(f"data_metric(x, w) is not symmetric: a^T G b and b^T G a differ by {asym:.3g} relative")
+        return g
+
+    def sqnorm(self) -> Tensor:
+        """``(B, K)``: ``||a_k||_G^2``."""
+        return tangent_sqnorm(self.a) if self.ga is None else (self.a * self.ga).sum(-1)
+
+    def cotangent(self, geo: Geometry) -> Tensor:
+        """``R^T a`` (or ``G a``): the cotangent whose VJP gives ``J^T G J S v / s``."""
+        if self.ga is not None:
+            return self.ga
+        return self.a if geo.data is None else geo.data.cotangent(self.a)
+
+
+def _normalised_images(decoder: Decoder, z: Tensor, vectors: Tensor, group: object | None,
+                       geo: Geometry = IDENTITY) -> Images:
+    """Tangent images of ``vectors (B, K, *latent_shape)`` (already whitened on the latent side)."""
     # The stream path hands its layers (a SequentialSpec) instead of the decoder: same contract.
     images = streams.tangent_images if isinstance(decoder, streams.SequentialSpec) else tangent_images
     primal, jv = images(decoder, z, vectors)
-    jv = _acc(jv)
+    jv, ga = _acc(jv), None
+    if geo.data is not None:
+        geo.data.check_size(jv.shape[-1])
+        jv, ga = geo.data.apply(primal, jv)
     s = _scale(jv, group)
-    return primal, jv / s, s
+    return Images(primal, jv / s, None if ga is None else ga / s, s)
 
 
 def latent_basis(z: Tensor) -> Tensor:
@@ -85,54 +128,109 @@ def latent_basis(z: Tensor) -> Tensor:
     return eye.expand(z.shape[0], *eye.shape)
 
 
-def generic_metric(decoder: Decoder, z: Tensor, group: object | None = None) -> Scaled:
-    """Exact ``H (B, m, m)`` (scaled) from the ``m`` basis tangent images."""
-    _, a, s = _normalised_images(decoder, z, latent_basis(z), group)
+def _vectors(z: Tensor, u: Tensor, whitening: Tensor | None) -> Tensor:
+    return u if whitening is None else whiten_vectors(whitening, u)
+
+
+def generic_metric(decoder: Decoder, z: Tensor, group: object | None = None, geo: Geometry = IDENTITY) -> Scaled:
+    """Exact ``S^T H S (B, m, m)`` (scaled; ``H = J^T G J``) from the ``m`` whitened basis tangent images."""
+    im = _normalised_images(decoder, z, _vectors(z, latent_basis(z), geo.whitening(z)), group, geo)
     with torch.autocast(z.device.type, enabled=False):
-        return Scaled(s * s, metric=tangent_gram(a))
+        return Scaled(im.s * im.s, metric=im.gram())
 
 
 def forward_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None,
-                   orthonormal: bool = False) -> Scaled:
+                   orthonormal: bool = False, geo: Geometry = IDENTITY) -> Scaled:
     """First-order ``Tr H`` and ``Tr H^2`` (scaled) from the ``K x K`` Gram ``G`` of probe images.
 
     ``probes (B, K, *latent_shape)``: independent ``N(0, I)`` draws, or with ``orthonormal`` the
     scaled orthonormal frames of :func:`isofast.probes.orthonormal_probes`, for which
     ``Tr H^2 = (mean_i G_ii^2 + (m - 1) mean_{i != j} G_ij^2) / m`` (docs/maths.md section 3).
+    With a geometry ``geo`` these are the traces of the whitened ``S^T J^T G J S``.
     """
     k, m = probes.shape[1], z[0].numel()
-    _, a, s = _normalised_images(decoder, z, probes, group)
+    im = _normalised_images(decoder, z, _vectors(z, probes, geo.whitening(z)), group, geo)
     with torch.autocast(z.device.type, enabled=False):
-        g = tangent_gram(a)
+        g = im.gram()
         diag = torch.diagonal(g, dim1=1, dim2=2)
         tr = diag.mean(-1)
         off = torch.triu(torch.ones(k, k, dtype=torch.bool, device=g.device), diagonal=1)
         off_mean = g.square()[:, off].mean(-1)
         tr2 = (diag.square().mean(-1) + (m - 1) * off_mean) / m if orthonormal else off_mean
-    return Scaled(s * s, tr=tr, tr2=tr2)
+    return Scaled(im.s * im.s, tr=tr, tr2=tr2)
 
 
-def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None) -> Scaled:
-    """``Tr H = mean ||J v||^2`` and ``Tr H^2 = mean ||J^T J v||^2`` (scaled), one VJP per probe."""
+def _vjp(primal: Tensor, zg: Tensor, cot: Tensor) -> Tensor | None:
+    """``J^T c`` for cotangents ``cot (K, B, D)``, ``(K, *z.shape)`` or ``None`` where the
+    output does not depend on ``z``; with ``create_graph`` (differentiating it is a double backward)."""
+    if not primal.requires_grad:
+        return None
+    if cot.shape[0] == 1:  # one plain VJP; the batched form vmaps the backward
+        (g,) = torch.autograd.grad(primal, zg, cot[0], create_graph=True, allow_unused=True)
+        return None if g is None else g.unsqueeze(0)
+    (g,) = torch.autograd.grad(primal, zg, cot, create_graph=True, is_grads_batched=True, allow_unused=True)
+    return g
+
+
+def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None,
+                      geo: Geometry = IDENTITY) -> Scaled:
+    """``Tr H = mean ||J v||^2`` and ``Tr H^2 = mean ||J^T J v||^2`` (scaled), one VJP per probe;
+    with a geometry, of the whitened ``J~ = R J S`` (``||S^T J^T G J S u||^2``)."""
     with torch.enable_grad():  # the VJP needs a graph even when the caller evaluates under no_grad
         zg = z if z.requires_grad else z.detach().requires_grad_()
-        primal, a, s = _normalised_images(decoder, zg, probes, group)
-        k = probes.shape[1]
-        if primal.requires_grad:
-            cot = a.transpose(0, 1).to(primal.dtype)  # (K, B, D): J^T a_k is linear in a_k, so J^T (J v / s)
-            if k == 1:  # one plain VJP; the batched form vmaps the backward
-                (jta,) = torch.autograd.grad(primal, zg, cot[0], create_graph=True, allow_unused=True)
-                jta = None if jta is None else jta.unsqueeze(0)
-            else:
-                (jta,) = torch.autograd.grad(primal, zg, cot, create_graph=True, is_grads_batched=True, allow_unused=True)
-        else:
-            jta = None
-        jta = torch.zeros(k, *z.shape, dtype=a.dtype, device=z.device) if jta is None else _acc(jta)
+        whitening = geo.whitening(zg)
+        im = _normalised_images(decoder, zg, _vectors(zg, probes, whitening), group, geo)
+        k, bsz = probes.shape[1], z.shape[0]
+        # J^T (R^T a) is linear in a = R J S v / s, so it is J^T G J S v / s
+        jta = _vjp(im.primal, zg, im.cotangent(geo).transpose(0, 1).to(im.primal.dtype))
+        jta = torch.zeros(k, *z.shape, dtype=im.a.dtype, device=z.device) if jta is None else _acc(jta)
+        jta = (jta / im.s).reshape(k, bsz, -1).transpose(0, 1)  # (B, K, m); ||.||^2 / s^4 as the Scaled units ask
+        if whitening is not None:
+            jta = whiten_covectors(whitening, jta)
         with torch.autocast(z.device.type, enabled=False):
-            tr = tangent_sqnorm(a).mean(-1)
-            # ||J^T J v||^2 / s^4 = ||J^T a / s||^2
-            tr2 = tangent_sqnorm((jta / s).reshape(k, z.shape[0], -1).transpose(0, 1)).mean(-1)
-    return Scaled(s * s, tr=tr, tr2=tr2)
+            tr = im.sqnorm().mean(-1)
+            tr2 = tangent_sqnorm(jta).mean(-1)
+    return Scaled(im.s * im.s, tr=tr, tr2=tr2)
+
+
+def _path_noise(bsz: int, d: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """StyleGAN2's data-space noise ``(B, D)``: ``N(0, I) / sqrt(D)``, drawn on ``like``'s device."""
+    return torch.randn(bsz, d, generator=generator, device=like.device, dtype=like.dtype) / d**0.5
+
+
+def path_lengths(decoder: Decoder, z: Tensor, estimator: str, generator: torch.Generator | None = None,
+                 group: object | None = None, geo: Geometry = IDENTITY) -> tuple[Tensor, Tensor]:
+    """``(lengths (B,), s)``: StyleGAN2's path lengths ``||J~^T w||`` in units of the detached ``s``,
+    for data-space noise ``w ~ N(0, I_D) / sqrt(D)`` drawn here with ``generator``.
+
+    ``estimator="exact"``: first order, ``J~^T w = [(R J S e_i) . w]_i`` from the ``m`` whitened basis
+    tangent images; ``"hutchinson"``: one VJP (a double backward when differentiated).
+    """
+    if geo.data is not None and geo.data.kind == "product":
+        geo.data.cotangent(z)  # raises: the measure needs G^(1/2)
+    bsz = z.shape[0]
+    if estimator == "exact":
+        im = _normalised_images(decoder, z, _vectors(z, latent_basis(z), geo.whitening(z)), group, geo)
+        noise = _path_noise(bsz, im.a.shape[-1], im.a, generator)
+        with torch.autocast(z.device.type, enabled=False):
+            grad = (im.a @ noise.unsqueeze(-1)).squeeze(-1)  # (B, m)
+            return grad.square().sum(-1).sqrt(), im.s
+    with torch.enable_grad():
+        zg = z if z.requires_grad else z.detach().requires_grad_()
+        whitening = geo.whitening(zg)
+        primal = checked_decoder(decoder, bsz, z.dtype)(zg)
+        if geo.data is not None:
+            geo.data.check_size(primal.shape[-1])
+        noise = _path_noise(bsz, primal.shape[-1], primal, generator)
+        cot = noise if geo.data is None else geo.data.cotangent(noise)
+        g = _vjp(primal, zg, cot.unsqueeze(0))
+        g = torch.zeros(1, *z.shape, dtype=acc_dtype(z.dtype), device=z.device) if g is None else _acc(g)
+        g = g.reshape(1, z.shape[0], -1).transpose(0, 1)  # (B, 1, m)
+        if whitening is not None:
+            g = whiten_covectors(whitening, g)
+        with torch.autocast(z.device.type, enabled=False):
+            s = _scale(g, group)
+            return tangent_sqnorm(g / s).squeeze(1).sqrt(), s
 
 
 def unscale(x: Tensor, scale2: Tensor, power: int, what: str) -> Tensor:

@@ -32,6 +32,11 @@ MEASURES: dict[str, str] = {
     "jacobian_frobenius": "small Tr H (contractive; not geometry preserving)",
 }
 
+#: Measures of the decoder's gradient rather than of ``H``: name -> what they ask for.
+PATH_MEASURES: dict[str, str] = {
+    "path_length": "||J^T w|| = a for Gaussian data-space w (StyleGAN2's path length regulariser)",
+}
+
 #: Measures that need the exact metric ``H`` rather than trace statistics.
 EXACT_ONLY = ("volume",)
 
@@ -101,3 +106,15 @@ def from_metric(measure: str, h: Tensor, mean: BatchMean) -> Tensor:
     return from_traces(measure, tr, tr2, h.shape[-1], mean)
 
 
+
+
+def from_path_lengths(lengths: Tensor, target: Tensor | float | None, mean: BatchMean) -> Tensor:
+    """StyleGAN2's path-length penalty ``mean_b (L_b - a)^2`` from ``lengths (B,)``. ``target`` is
+    ``a`` (a number or 0-d tensor, e.g. a running mean, used detached); ``None`` takes the detached
+    batch mean of the lengths (the global batch's with ``sync``)."""
+    if target is None:
+        (centre,) = mean(lengths.detach())
+    else:
+        centre = torch.as_tensor(target, dtype=lengths.dtype, device=lengths.device).detach()
+    (value,) = mean((lengths - centre).square())
+    return value

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from isofast import _checks, backends
+from isofast import _checks, backends, geometry
 from isofast.backends.base import Backend, acc_dtype, autocast_dtype
-from isofast.measures import EXACT_ONLY, MEASURES
+from isofast.geometry import IDENTITY, Geometry
+from isofast.measures import EXACT_ONLY, MEASURES, PATH_MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
 from isofast.ops.tangent_gram import cuda_reductions
 from isofast.streams import SequentialSpec, plan_sequential
@@ -53,7 +54,10 @@ class Plan:
     ``"gaussian"`` or ``"orthonormal"`` (:mod:`isofast.probes`).
 
     ``compute_dtype`` (fused path only) is the dtype the fused op runs in when it differs from the
-    inputs' or autocast is on: the call then casts to it and runs with autocast disabled."""
+    inputs' or autocast is on: the call then casts to it and runs with autocast disabled.
+
+    ``geometry`` holds the call's data and latent metrics (:mod:`isofast.geometry`), ``None`` when
+    neither is given; otherwise ``reasons["geometry"]`` says which and how they are applied."""
 
     path: str
     backend: str
@@ -67,6 +71,12 @@ class Plan:
     backend_impl: Backend | None = field(default=None, repr=False, compare=False)
     compute_dtype: torch.dtype | None = field(default=None, repr=False, compare=False)
     probe_distribution: str | None = None
+    geometry: Geometry | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def geo(self) -> Geometry:
+        """:attr:`geometry`, with :data:`isofast.geometry.IDENTITY` for ``None``."""
+        return IDENTITY if self.geometry is None else self.geometry
 
     def __str__(self) -> str:
         probes = "" if self.n_probes is None else f", K={self.n_probes}"
@@ -153,6 +163,8 @@ def _generic_precision(z: Tensor, autocast: torch.dtype | None) -> tuple[str, st
 def _estimator(
     estimator: str, measure: str | None, m: int, probes: Tensor | None, n_probes: int | None, fused: bool
 ) -> tuple[str, str]:
+    if measure in PATH_MEASURES:
+        return _path_length_estimator(estimator, probes, n_probes)
     if n_probes is not None and estimator == "exact":
         raise ValueError(f"n_probes is only used by estimator='forward' or 'hutchinson' (or 'auto'), got "
                          f"n_probes={n_probes} with estimator='exact'")
@@ -189,6 +201,54 @@ def _estimator(
     return chosen, why
 
 
+def _path_length_estimator(estimator: str, probes: Tensor | None, n_probes: int | None) -> tuple[str, str]:
+    if probes is not None or n_probes is not None:
+        raise ValueError("the path_length measure draws its own data-space noise (one draw per sample); "
+                         f"probes and n_probes do not apply, got {'probes' if probes is not None else f'n_probes={n_probes}'}")
+    if estimator == "forward":
+        raise ValueError("measure 'path_length' needs J^T w: estimator='exact' (first order, m tangent streams) or "
+                         "'hutchinson' (one VJP, a double backward when differentiated), got estimator='forward'")
+    if estimator == "hutchinson":
+        return "hutchinson", "requested: J^T w by one VJP through the decoder (StyleGAN2's recipe; a double backward)"
+    why = "requested" if estimator == "exact" else "auto"
+    return "exact", f"{why}: J^T w = [(J e_i) . w]_i from m tangent streams (first order, no double backward)"
+
+
+def _fused_refusal(geo: Geometry, measure: str | None, exact: bool, impl: Backend) -> str | None:
+    """Why the fused MLP path cannot run this call's geometry, or ``None`` when it can."""
+    if measure in PATH_MEASURES:
+        return f"the fused MLP kernels compute no J^T w for the {measure!r} measure"
+    data = geo.data
+    if data is not None:
+        if data.kind != "diagonal":
+            return f"the fused MLP kernels take a diagonal data metric only, got a {data.describe()}"
+        if data.weight.requires_grad:  # type: ignore[union-attr]
+            return "the data_metric weights require grad, and the fused MLP kernels treat them as constants"
+        if not getattr(impl, "diagonal_data_metric", False) and not getattr(backends.get("torch"), "diagonal_data_metric", False):
+            return "no fused backend implements the diagonal data metric"
+    if geo.latent is not None and geo.latent.kind == "matrix" and not exact:
+        return ("a matrix latent metric with a probe estimator needs probes that depend on z, and the fused MLP "
+                "kernels treat probes as constants")
+    return None
+
+
+def _geometry_reason(geo: Geometry, path: str) -> str:
+    parts = []
+    if geo.data is not None:
+        how = {"diagonal": "tangent images weighted by sqrt(w)", "matrix": "tangent images multiplied by G's Cholesky factor",
+               "product": "Grams a^T G(x) b from the metric-vector product"}[geo.data.kind]
+        if path == "fused_mlp":
+            how = "in the fused kernels' epilogue (H = J^T diag(w) J)"
+        parts.append(f"data metric: {geo.data.describe()}, {how}")
+    if geo.latent is not None:
+        if path == "fused_mlp":
+            how = "H whitened after the fused op" if geo.latent.kind == "matrix" else "traces divided by lambda(z), lambda(z)^2"
+        else:
+            how = "tangent vectors whitened, S u with S S^T = M^-1 (gradients include M's dependence on z)"
+        parts.append(f"{geo.latent.describe()}; {how}")
+    return "; ".join(parts)
+
+
 def plan(
     decoder: object,
     z: Tensor,
@@ -200,6 +260,8 @@ def plan(
     probes: Tensor | None = None,
     generator: torch.Generator | None = None,
     sync: bool | object = False,
+    data_metric: object = None,
+    latent_metric: object = None,
 ) -> Plan:
     """Validate a call's arguments and say which path, backend, estimator and precision it takes, and why.
 
@@ -208,7 +270,7 @@ def plan(
     """
     _checks.check_z(z)
     if measure is not None:
-        _checks.check_choice("measure", measure, list(MEASURES))
+        _checks.check_choice("measure", measure, [*MEASURES, *PATH_MEASURES])
     _checks.check_choice("estimator", estimator, _checks.ESTIMATORS)
     _checks.check_eta(eta)
     _checks.check_generator(generator, z)
@@ -223,9 +285,19 @@ def plan(
     if sync is not False and not torch.distributed.is_initialized():
         raise ValueError("sync=True needs an initialised torch.distributed process group")
     m = z[0].numel()
+    geo = Geometry(geometry.data_metric(data_metric), geometry.latent_metric(latent_metric, z))
+    autocast = autocast_dtype(z.device)
     spec, path_why = _path(decoder, z)
     if spec is not None and estimator == "forward":
         spec, path_why = None, f"{path_why}, but the fused MLP path has no estimator='forward'"
+    impl, refusal = None, None
+    if spec is not None and (geo or measure in PATH_MEASURES):
+        dtype = _check_params(spec, z, autocast)
+        impl, backend_why = backends.select(z.device, dtype)
+        exact = measure is None or estimator == "exact" or (estimator == "auto" and probes is None and m <= EXACT_MAX_LATENT)
+        refusal = _fused_refusal(geo, measure, exact, impl)
+        if refusal is not None:
+            spec, path_why = None, f"{path_why}, but {refusal}"
     if measure is None:
         if estimator in ("hutchinson", "forward") or probes is not None:
             raise ValueError(f"pullback_metric is exact; estimator={estimator!r} and probes do not apply")
@@ -238,18 +310,28 @@ def plan(
         raise ValueError(f"estimator='forward' needs n_probes >= 2 (pairs of probes estimate Tr H^2), got {k}")
     distribution, dist_why = _probe_distribution(chosen, k, m, probes is not None)
     est_why = f"{est_why}; {dist_why}" if dist_why else est_why
-    autocast = autocast_dtype(z.device)
     if spec is None:
-        return _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution)
-    dtype = _check_params(spec, z, autocast)
-    impl, backend_why = backends.select(z.device, dtype)
+        p = _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution)
+        if refusal is not None and refusal not in p.reasons["path"]:
+            p.reasons["path"] += f"; not the fused MLP path: {refusal}"
+        if geo:
+            p.reasons["geometry"] = _geometry_reason(geo, p.path)
+            return Plan(p.path, p.backend, p.estimator, p.n_probes, p.measure, p.reasons, p.precision,
+                        p.latent_shape, p.spec, p.backend_impl, p.compute_dtype, p.probe_distribution, geo)
+        return p
+    if impl is None:
+        dtype = _check_params(spec, z, autocast)
+        impl, backend_why = backends.select(z.device, dtype)
+    if geo.data is not None and not getattr(impl, "diagonal_data_metric", False):
+        # _fused_refusal checked that the torch twin has it
+        impl, backend_why = backends.get("torch"), f"the {impl.name} backend has no diagonal data metric; its torch twin has"
     compute, precision, prec_why = _fused_precision(impl, z, dtype, autocast)
-    return Plan(
-        "fused_mlp", impl.name, chosen, k, measure,
-        {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why,
-         "precision": prec_why, "shapes": _shapes(z, chosen, k)},
-        precision, tuple(z.shape[1:]), spec, impl, compute, distribution,
-    )
+    reasons = {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why,
+               "precision": prec_why, "shapes": _shapes(z, chosen, k)}
+    if geo:
+        reasons["geometry"] = _geometry_reason(geo, "fused_mlp")
+    return Plan("fused_mlp", impl.name, chosen, k, measure, reasons, precision, tuple(z.shape[1:]), spec, impl,
+                compute, distribution, geo if geo else None)
 
 
 def _probe_distribution(estimator: str, k: int | None, m: int, given: bool) -> tuple[str | None, str]:

@@ -21,7 +21,7 @@ from isofast.forward_ad_fixes import ForwardADFixes
 Decoder = Callable[[Tensor], Tensor]
 
 
-def _checked(decoder: Decoder, bsz: int, dtype: torch.dtype) -> Decoder:
+def checked_decoder(decoder: Decoder, bsz: int, dtype: torch.dtype) -> Decoder:
     """``decoder`` with its output validated: one tensor with one row per code."""
 
     def run(z: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ def tangent_images(decoder: Decoder, z: Tensor, vectors: Tensor) -> tuple[Tensor
     Runs under :class:`isofast.forward_ad_fixes.ForwardADFixes`, so attention and GroupNorm have
     working forward-mode rules.
     """
-    run = _checked(decoder, z.shape[0], z.dtype)
+    run = checked_decoder(decoder, z.shape[0], z.dtype)
     # Dual tensors are written in place by forward mode: inputs must not alias (expanded codes, bases).
     z, vectors = z.contiguous(), vectors.contiguous()
 

@@ -11,6 +11,9 @@ Backward (docs/maths.md section 4, "the Hutchinson VJP chain"): for ``l = 1..L``
 streams of its samples), the wgrad kernel adds ``(s'(p_l) c_l)^T cbar_{l-1}`` into ``Wbar_l``; the
 last step writes ``cbar_L + 2 qbar J v`` straight into the tangent streams of ``Sbar_L``, whose
 backward is the shared multi-stream one.
+
+With a data-space weight ``w``: the last layer's statistic is ``sum_n w_n (J v)_n^2``, the chain
+starts at ``c_L = w J v``, and the last chain step writes ``w (cbar_L + 2 qbar J v)``.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from .mlp_stream import act_fn, rows_times_wt
 
 @triton.jit
 def mlp_hutchinson_chain_bwd_kernel(
-    gc_ptr, w_ptr, p_ptr, c_ptr, t_ptr, gs_ptr, out_ptr, px_ptr,
+    gc_ptr, w_ptr, p_ptr, c_ptr, t_ptr, gs_ptr, out_ptr, px_ptr, dw_ptr,
     B, N, KD, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, HAS_D2: tl.constexpr, LAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    HAS_W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """``gbar = gc (K, B, KD) @ W^T``; stores ``s'(p) gbar`` (``LAST``: plus ``2 qbar t``, into
-    streams ``1..K`` of ``out``) and ``px = s''(p) sum_k c[k] gbar[k]`` (``HAS_D2``). ``NS = K``."""
+    """``gbar = gc (K, B, KD) @ W^T``; stores ``s'(p) gbar`` (``LAST``: plus ``2 qbar t``, times the
+    data-space weight ``dw (N,)`` when ``HAS_W``, into streams ``1..K`` of ``out``) and
+    ``px = s''(p) sum_k c[k] gbar[k]`` (``HAS_D2``). ``NS = K``."""
     b0 = tl.program_id(0) * BM
     n0 = tl.program_id(1) * BN
     acc = rows_times_wt(gc_ptr, w_ptr, b0, n0, B, N, KD, NS, NSP, BM, BN, BK, PREC)
@@ -57,6 +61,8 @@ def mlp_hutchinson_chain_bwd_kernel(
         b2 = b[None, :]
         q = tl.load(gs_ptr + b2 * (2 * NS) + s2 * 2, mask=(s2 < NS) & (b2 < B), other=0.0).to(tl.float32)
         out += 2.0 * q[:, :, None] * t
+        if HAS_W:
+            out = out * tl.load(dw_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, None, :]
         tl.store(out_ptr + off3 + B * N, out.to(out_ptr.dtype.element_ty), mask=ok3)
     else:
         tl.store(out_ptr + off3, out.to(out_ptr.dtype.element_ty), mask=ok3)
@@ -66,7 +72,8 @@ def mlp_hutchinson_chain_bwd_kernel(
 # launchers and the op
 
 
-def mlp_hutchinson_chain_backward(gc, w, p, c, act, *, last: bool, t=None, grad_stats=None, out=None, prec: int = 0):
+def mlp_hutchinson_chain_backward(gc, w, p, c, act, *, last: bool, t=None, grad_stats=None, out=None, prec: int = 0,
+                                  data_weight=None):
     """One backward step of the VJP chain; returns ``(cbar_l, pbar_l or None)``. With ``last``,
     ``cbar_L + 2 qbar t`` goes into streams ``1..K`` of ``out (1 + K, B, N)``, which is returned."""
     ns, bsz, kd = gc.shape
@@ -79,14 +86,16 @@ def mlp_hutchinson_chain_backward(gc, w, p, c, act, *, last: bool, t=None, grad_
     d = dummy(gc)
     mlp_hutchinson_chain_bwd_kernel[grid](
         gc, w, p, c, t if last else d, grad_stats if last else d, out, px if has_d2 else d,
-        bsz, n, kd, **act_kwargs(act), HAS_D2=has_d2, LAST=last, PREC=prec, **meta,
+        data_weight if last and data_weight is not None else d,
+        bsz, n, kd, **act_kwargs(act), HAS_D2=has_d2, LAST=last, HAS_W=last and data_weight is not None, PREC=prec,
+        **meta,
     )
     return out, px
 
 
-def mlp_hutchinson_forward(z, probes, weights, biases, acts, prec: int = 0):
+def mlp_hutchinson_forward(z, probes, weights, biases, acts, prec: int = 0, data_weight=None):
     """``(stats (B, K, 2) fp32, saved)`` with ``saved = [X_l, p_l, T_l]_l + [c_1..c_L] + [t, c_0]``
-    (the torch twin's layout; ``c_L = t = J v`` as ``(K, B, D)``)."""
+    (the torch twin's layout; ``t = J v`` as ``(K, B, D)``, ``c_L = t``, or ``w t`` with a weight)."""
     bsz, k, _ = probes.shape
     seeds = torch.cat([z.unsqueeze(0), probes.transpose(0, 1)], dim=0)
     stats = torch.zeros(bsz, k, 2, device=z.device, dtype=torch.float32)
@@ -96,11 +105,12 @@ def mlp_hutchinson_forward(z, probes, weights, biases, acts, prec: int = 0):
     for l, (w, b, act) in enumerate(zip(weights, biases, acts)):
         last = l == n_layers - 1
         out, p, t = ms.mlp_stream_forward(s, w, b, act, save_t=act.has_second_derivative,
-                                          stats=stats if last else None, prec=prec)
+                                          stats=stats if last else None, prec=prec,
+                                          data_weight=data_weight if last else None)
         layers += [s, p, t]
         s = out
     t = s[1:]
-    c = t
+    c = t if data_weight is None else t * data_weight
     chain: list[torch.Tensor] = []
     for l in reversed(range(n_layers)):
         chain.append(c)
@@ -110,7 +120,7 @@ def mlp_hutchinson_forward(z, probes, weights, biases, acts, prec: int = 0):
     return stats, [*layers, *chain, t, c]
 
 
-def mlp_hutchinson_backward(grad_stats, weights, has_bias, acts, saved, prec: int = 0):
+def mlp_hutchinson_backward(grad_stats, weights, has_bias, acts, saved, prec: int = 0, data_weight=None):
     """``(grad_z, grad_weights, grad_biases)`` (fp32) given ``grad_stats = dL/dstats (B, K, 2)``."""
     n_layers = len(weights)
     layers = saved[: 3 * n_layers]
@@ -127,7 +137,7 @@ def mlp_hutchinson_backward(grad_stats, weights, has_bias, acts, saved, prec: in
         last = l == n_layers - 1
         grad_c, pextra[l] = mlp_hutchinson_chain_backward(
             grad_c, weights[l], p, c_l, acts[l], last=last, t=t, grad_stats=grad_stats,
-            out=grad_s if last else None, prec=prec,
+            out=grad_s if last else None, prec=prec, data_weight=data_weight,
         )
     grad_z = stream_backward(grad_s, weights, has_bias, acts, layers, wgrads, bgrads, upto=n_layers,
                              grad_p_extra=pextra, prec=prec)

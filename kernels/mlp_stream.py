@@ -208,13 +208,14 @@ def gated_abar(g_ptr, p_ptr, t_ptr, px_ptr, b0, c0, B, C, NS: tl.constexpr, NSP:
 
 @triton.jit
 def mlp_stream_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, p_ptr, t_ptr, stats_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, p_ptr, t_ptr, stats_ptr, dw_ptr,
     B, N, KD, coef, threshold,
     NS: tl.constexpr, NSP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SAVE_P: tl.constexpr, SAVE_T: tl.constexpr, STATS: tl.constexpr,
+    SAVE_P: tl.constexpr, SAVE_T: tl.constexpr, STATS: tl.constexpr, HAS_W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One multi-stream layer: ``out[0] = s(p)``, ``out[k] = s'(p) A[k]`` with ``p = A[0] + b``."""
+    """One multi-stream layer: ``out[0] = s(p)``, ``out[k] = s'(p) A[k]`` with ``p = A[0] + b``.
+    ``HAS_W``: the statistics are weighted by the data-space weight ``dw (N,)``."""
     a3, p, sid, b, n = layer_tile(x_ptr, w_ptr, bias_ptr, B, N, KD, NS, NSP, HAS_BIAS, BM, BN, BK, PREC)
     ok2 = (b[:, None] < B) & (n[None, :] < N)
     v, d1, _ = act_fn(p, ACT, coef, threshold)
@@ -228,7 +229,11 @@ def mlp_stream_fwd_kernel(
     if SAVE_T:
         tl.store(t_ptr + off3 - B * N, a3.to(t_ptr.dtype.element_ty), mask=ok3 & (sid >= 1))
     if STATS:  # stats (B, NS - 1, 2) fp32: stats[b, k - 1, 0] += ||out[k, b]||^2 over this column tile
-        q = tl.sum(out * out, axis=2)
+        if HAS_W:  # ... or sum_n w_n out[k, b, n]^2
+            wv = tl.load(dw_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+            q = tl.sum(out * out * wv[None, None, :], axis=2)
+        else:
+            q = tl.sum(out * out, axis=2)
         s2 = tl.arange(0, NSP)[:, None]
         b2 = b[None, :]
         tl.atomic_add(stats_ptr + b2 * (2 * (NS - 1)) + (s2 - 1) * 2, q, mask=(s2 >= 1) & (s2 < NS) & (b2 < B))
@@ -314,10 +319,11 @@ def mlp_stream_wgrad_kernel(
 # launchers
 
 
-def mlp_stream_forward(x, w, bias, act, *, save_t: bool, stats=None, prec: int = 0):
+def mlp_stream_forward(x, w, bias, act, *, save_t: bool, stats=None, prec: int = 0, data_weight=None):
     """``x (NS, B, KD)`` through one layer: returns ``(out (NS, B, N), p (B, N), t (NS-1, B, N) or empty)``.
 
-    ``stats (B, NS-1, 2)`` fp32, if given, receives ``||out[k, b]||^2`` in ``[..., 0]`` (added)."""
+    ``stats (B, NS-1, 2)`` fp32, if given, receives ``||out[k, b]||^2`` in ``[..., 0]`` (added), or
+    ``sum_n w_n out[k, b, n]^2`` with ``data_weight`` ``w (N,)``."""
     assert x.is_contiguous() and w.is_contiguous(), "the stream kernels take contiguous tensors"
     ns, bsz, kd = x.shape
     n = w.shape[0]
@@ -328,8 +334,9 @@ def mlp_stream_forward(x, w, bias, act, *, save_t: bool, stats=None, prec: int =
     d = dummy(x)
     mlp_stream_fwd_kernel[grid](
         x, w, bias if bias is not None else d, out, p, t if save_t else d, stats if stats is not None else d,
+        data_weight if data_weight is not None else d,
         bsz, n, kd, **act_kwargs(act), HAS_BIAS=bias is not None, SAVE_P=True, SAVE_T=save_t,
-        STATS=stats is not None, PREC=prec, **meta,
+        STATS=stats is not None, HAS_W=data_weight is not None, PREC=prec, **meta,
     )
     return out, p, t
 

@@ -98,10 +98,36 @@ def jacobian_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Ten
     return torch.stack(rows)
 
 
-def pullback_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """``H = J^T J`` per sample ``(B, m, m)`` from the brute-force Jacobian (differentiable)."""
+def pullback_brute_force(
+    decoder: torch.nn.Module, z: torch.Tensor, data_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``H = J^T J`` per sample ``(B, m, m)`` from the brute-force Jacobian (differentiable); with a
+    ``data_weight`` ``w (D,)``, ``H = J^T diag(w) J``."""
     j = jacobian_brute_force(decoder, z)
-    return j.transpose(1, 2) @ j
+    return j.transpose(1, 2) @ (j if data_weight is None else data_weight[:, None] * j)
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def data_metric_backend(request: pytest.FixtureRequest):
+    """Each backend with a diagonal data-space metric (``data_weight``) that runs CPU float64
+    tensors: the torch twin and the cpu extension (skipped when not built, failed instead when
+    ``ISOFAST_REQUIRE_EXT`` is set)."""
+    from isofast import backends
+
+    ok, why = backends.status(request.param)
+    if not ok:
+        if os.environ.get("ISOFAST_REQUIRE_EXT"):
+            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the {request.param} backend is unavailable: {why}")
+        pytest.skip(f"{request.param} backend unavailable: {why}")
+    backend = backends.get(request.param)
+    assert backend.diagonal_data_metric, f"the {request.param} backend lacks the diagonal data-space metric"
+    return backend
+
+
+def positive_weight(d: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+    """A random ``(d,)`` data-space weight in ``[0.2, 3]`` (far from 1, strictly positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (0.2 + 2.8 * torch.rand(d, generator=gen, dtype=torch.float64)).to(dtype)
 
 
 def traces_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import report  # noqa: E402
+from benchmarks import data_metric, report  # noqa: E402
 from benchmarks.cases import Case, make_inputs  # noqa: E402
 from benchmarks.estimator_quality import estimator_quality  # noqa: E402
 from benchmarks.flops import forward_flops, regulariser_flops  # noqa: E402
@@ -93,6 +93,20 @@ def test_flops_and_quality() -> None:
     assert q[0]["rel_std_loss"] == 0.0 and q[1]["rel_std_loss"] > 0.0
     inputs = make_inputs(TINY)
     assert inputs.z.shape == (6, 2) and inputs.probes.shape[:2] == (6, 4)
+
+
+def test_data_metric_quick(tmp_path: Path) -> None:
+    """``benchmarks/data_metric.py --quick``: identity and diagonal timed per backend, ratio, files."""
+    records = data_metric.main(["--quick", "--out", str(tmp_path)])
+    assert {r["backend"] for r in records} >= {"torch"}
+    for r in records:
+        assert r["error"] is None and r["reps"] == 3
+        assert r["identity_ms"] > 0 and r["diagonal_ms"] > 0 and r["ratio"] > 0
+    assert {r["op"] for r in records} == {"exact", "hutchinson K=1"}
+    saved = json.loads((tmp_path / "data_metric.json").read_text())
+    assert saved["meta"]["torch_threads"] == 1 and saved["meta"]["clock"].startswith("cpu")
+    assert len(saved["records"]) == len(records)
+    assert "| torch | tiny m=2 | exact | 4 |" in (tmp_path / "data_metric.md").read_text()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, pullback_brute_force
+from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, positive_weight, pullback_brute_force
 
 import isofast
 from isofast import _ext, backends
@@ -37,13 +37,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
     assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
 
 
-def _run(backend, spec, z, probes, seed=1):
+def _run(backend, spec, z, probes, seed=1, data_weight=None):
     """Values and gradients (z and every parameter) of both ops for random output cotangents."""
     gen = torch.Generator().manual_seed(seed)
     params = [z] + [p for p in spec.params() if p is not None]
-    h = mlp_pullback(backend, spec, z)
+    h = mlp_pullback(backend, spec, z, data_weight=data_weight)
     gh = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-    st = mlp_hutchinson(backend, spec, z, probes)
+    st = mlp_hutchinson(backend, spec, z, probes, data_weight=data_weight)
     gs = torch.randn(st.shape, generator=gen, dtype=st.dtype)
     return [h, *torch.autograd.grad((h * gh).sum(), params), st, *torch.autograd.grad((st * gs).sum(), params)]
 
@@ -62,6 +62,40 @@ def test_matches_torch_twin(cpu_ext, act, dtype, widths):
     n = len(ref) // 2
     for i, (a, b) in enumerate(zip(got, ref)):
         _close(a, b, (RTOL if i in (0, n) else GRAD_RTOL)[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "softplus", "gelu", "identity"])
+@pytest.mark.parametrize("widths", [[3, 7, 5, 6], [2, 9], [2, 16, 16, 12]])
+def test_data_weight_matches_torch_twin(cpu_ext, act, dtype, widths):
+    """The diagonal data-space metric ``J^T diag(w) J`` (both ops, values and gradients), a
+    bias-free first layer included."""
+    dec = make_mlp(widths, act=act, out_act="sigmoid" if act != "identity" else None, dtype=dtype, seed=4)
+    dec[0].bias = None
+    spec, _ = extract_mlp(dec)
+    torch.manual_seed(1)
+    z = torch.randn(5, widths[0], dtype=dtype, requires_grad=True)
+    probes = torch.randn(5, 3, widths[0], dtype=dtype)
+    w = positive_weight(widths[-1], dtype=dtype, seed=2)
+    ref = _run(torch_backend.BACKEND, spec, z, probes, data_weight=w)
+    got = _run(cpu_ext, spec, z, probes, data_weight=w)
+    n = len(ref) // 2
+    for i, (a, b) in enumerate(zip(got, ref)):
+        _close(a, b, (RTOL if i in (0, n) else GRAD_RTOL)[dtype] * 10)
+    unweighted = _run(cpu_ext, spec, z, probes)
+    assert (got[0] - unweighted[0]).abs().max() > 1e-3 * unweighted[0].abs().max()
+
+
+def test_data_weight_bad_inputs_raise_from_cpp(cpu_ext):
+    ext = _ext.get()
+    w = [torch.randn(4, 2, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)]
+    acts = ([1, 7], [0.0, 0.0], [0.0, 0.0])
+    z = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"data_weight must have shape \(3,\)"):
+        ext.mlp_pullback_forward(z, w, [None, None], *acts, torch.ones(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="data_weight has dtype"):
+        ext.mlp_hutchinson_forward(z, torch.randn(5, 1, 2, dtype=torch.float64), w, [None, None], *acts,
+                                   torch.ones(3))
 
 
 def test_no_bias_and_single_layer(cpu_ext):
@@ -247,3 +281,12 @@ def test_custom_ops_opcheck(cpu_ext, dtype, widths):
     st, saved = cpu_ext.mlp_hutchinson_forward(z, probes, weights, biases, spec.activations)
     grad_st = torch.randn(st.shape, generator=gen, dtype=dtype)
     torch.library.opcheck(ops.cpu_mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved)))
+
+    # With the diagonal data-space metric (an optional last input of all four ops).
+    dw = 0.5 + torch.rand(widths[-1], generator=gen, dtype=dtype)
+    torch.library.opcheck(ops.cpu_mlp_pullback_forward, (z, weights, biases, *acts, dw))
+    h, saved = cpu_ext.mlp_pullback_forward(z, weights, biases, spec.activations, dw)
+    torch.library.opcheck(ops.cpu_mlp_pullback_backward, (grad_h, weights, has_bias, *acts, list(saved), dw))
+    torch.library.opcheck(ops.cpu_mlp_hutchinson_forward, (z, probes, weights, biases, *acts, dw))
+    st, saved = cpu_ext.mlp_hutchinson_forward(z, probes, weights, biases, spec.activations, dw)
+    torch.library.opcheck(ops.cpu_mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved), dw))

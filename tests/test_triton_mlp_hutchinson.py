@@ -11,7 +11,9 @@ import copy
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, jacobian_brute_force, make_mlp, rel_err
+from conftest import (
+    ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, jacobian_brute_force, make_mlp, positive_weight, rel_err,
+)
 
 pytest.importorskip("triton")
 if not (INTERPRETER or HAS_CUDA):
@@ -38,11 +40,12 @@ def _case(act: str, widths: list[int], batch: int, k: int, seed: int = 0, out_ac
     return dec64, dec32, z64, v64
 
 
-def _brute_stats(dec: torch.nn.Module, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _brute_stats(dec: torch.nn.Module, z: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     j = jacobian_brute_force(dec, z)
     jv = torch.einsum("bdm,bkm->bkd", j, v)
-    jtjv = torch.einsum("bdm,bkd->bkm", j, jv)
-    return torch.stack([jv.square().sum(-1), jtjv.square().sum(-1)], dim=-1)
+    wjv = jv if w is None else w * jv
+    jtjv = torch.einsum("bdm,bkd->bkm", j, wjv)
+    return torch.stack([(jv * wjv).sum(-1), jtjv.square().sum(-1)], dim=-1)
 
 
 def _grads(out, weight, params):
@@ -118,3 +121,30 @@ def test_bf16_gemms_stay_close_and_finite() -> None:
     assert stats.dtype == torch.float32 and rel_err(stats, twin) < 5e-2
     (grad,) = torch.autograd.grad(stats.sum(), [z32])
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("act,widths,batch,k", [("tanh", [3, 9, 7, 10], 5, 2), ("relu", [4, 40, 130], 33, 3)])
+def test_data_weight_matches_twin_and_brute_force(act: str, widths: list[int], batch: int, k: int) -> None:
+    """``v^T J^T W J v`` and ``||J^T W J v||^2``: values and gradients against the float64 brute
+    force and the twin (the second case: several sample and column tiles, a bias-free first layer)."""
+    assert TRITON.diagonal_data_metric
+    dec64, dec32, z64, v64 = _case(act, widths, batch=batch, k=k, seed=6)
+    if len(widths) == 3:
+        dec64[0].bias, dec32[0].bias = None, None
+    spec32, _ = extract_mlp(dec32)
+    w64 = positive_weight(widths[-1], seed=7).to(DEVICE)
+    z32 = z64.float().requires_grad_()
+    v32 = v64.float()
+    stats = mlp_hutchinson(TRITON, spec32, z32, v32, data_weight=w64.float())
+    z64 = z64.requires_grad_()
+    ref = _brute_stats(dec64, z64, v64, w64)
+    twin = mlp_hutchinson(TWIN, spec32, z32, v32, data_weight=w64.float())
+    assert rel_err(stats, ref) < RTOL[torch.float32] and rel_err(stats, twin) < RTOL[torch.float32]
+    assert rel_err(stats, _brute_stats(dec64, z64, v64)) > 1e-2
+    weight = torch.randn(stats.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEVICE)
+    got = _grads(stats, weight.float(), [z32, *dec32.parameters()])
+    want = _grads(ref, weight, [z64, *dec64.parameters()])
+    want_twin = _grads(twin, weight.float(), [z32, *dec32.parameters()])
+    for g, w, t in zip(got, want, want_twin):
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]

@@ -12,7 +12,9 @@ import os
 
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, make_mlp, pullback_brute_force, rel_err
+from conftest import (
+    ACTIVATIONS, GRAD_RTOL, HAS_CUDA, INTERPRETER, RTOL, make_mlp, positive_weight, pullback_brute_force, rel_err,
+)
 
 pytest.importorskip("triton")
 if not (INTERPRETER or HAS_CUDA):
@@ -165,3 +167,29 @@ def test_no_host_sync_in_the_backend_sources() -> None:
         text = open(path, encoding="utf-8").read()
         for bad in (".item()", ".tolist()", ".cpu()", "synchronize(", ".numpy()"):
             assert bad not in text, f"{os.path.basename(path)} contains {bad}"
+
+
+@pytest.mark.parametrize("act,widths,batch", [("softplus", [2, 9, 7, 11], 5), ("relu", [3, 40, 150], 33)])
+def test_data_weight_matches_twin_and_brute_force(act: str, widths: list[int], batch: int) -> None:
+    """``H = J^T diag(w) J``: values and gradients against the float64 brute force and the twin
+    (the second case: several sample and column tiles, a bias-free first layer)."""
+    assert TRITON.diagonal_data_metric
+    dec64, dec32, z64 = _case(act, widths, batch=batch, seed=5)
+    if len(widths) == 3:
+        dec64[0].bias, dec32[0].bias = None, None
+    spec32, _ = extract_mlp(dec32)
+    w64 = positive_weight(widths[-1], seed=6).to(DEVICE)
+    z32 = z64.float().requires_grad_()
+    h = mlp_pullback(TRITON, spec32, z32, data_weight=w64.float())
+    z64 = z64.requires_grad_()
+    ref = pullback_brute_force(dec64, z64, w64)
+    twin = mlp_pullback(TWIN, spec32, z32, data_weight=w64.float())
+    assert rel_err(h, ref) < RTOL[torch.float32] and rel_err(h, twin) < RTOL[torch.float32]
+    assert rel_err(h, pullback_brute_force(dec64, z64)) > 1e-2
+    weight = torch.randn(h.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(DEVICE)
+    got = _grads(h, weight.float(), [z32, *dec32.parameters()])
+    want = _grads(ref, weight, [z64, *dec64.parameters()])
+    want_twin = _grads(twin, weight.float(), [z32, *dec32.parameters()])
+    for g, w, t in zip(got, want, want_twin):
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]

@@ -1,9 +1,11 @@
 // CPU kernels of the mlp_hutchinson op: the statistics ||J v||^2 and ||J^T J v||^2 of an MLP
 // from the 1 + K streams seeded with (z, v_1..v_K) and the VJP chain c_{l-1} = (s'(p_l) c_l) W_l,
-// and their hand-written backward (docs/maths.md section 4).
+// and their hand-written backward (docs/maths.md section 4). With a data-space weight w the chain
+// starts at c_L = w t (t = J v), and the statistics are sum_d w_d t_d^2 and ||c_0||^2.
 //
-// Saved tensors (what the backward receives back): [X_1, A_1, ..., X_L, A_L, c_1, ..., c_L, t, c_0]
-// where A_l's first B rows hold the primal pre-activation p_l (bias included).
+// Saved tensors (what the backward receives back): [X_1, A_1, ..., X_L, A_L, c_1, ..., c_L, c_L, c_0]
+// where A_l's first B rows hold the primal pre-activation p_l (bias included); without a weight
+// c_L = t. The last layer's tangent rows are weighted in place, so c_L is always saved once.
 
 #include "mlp_stream.h"
 
@@ -56,7 +58,7 @@ using namespace cpu;  // the stream-loop helpers of mlp_stream.h
 
 std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
     const Tensor& z_in, const Tensor& probes_in, const std::vector<Tensor>& weights_in,
-    const std::vector<OptTensor>& biases_in, const ActList& acts) {
+    const std::vector<OptTensor>& biases_in, const ActList& acts, const OptTensor& data_weight) {
   const char* op = "isofast mlp_hutchinson (cpu)";
   check_params(op, z_in, weights_in, biases_in.size(), acts);
   const int64_t B = z_in.size(0), m = z_in.size(1);
@@ -69,6 +71,7 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
   const int64_t K = probes_in.size(1);
   const std::vector<Tensor> W = contig(weights_in);
   const std::vector<Tensor> bias = contig_bias(op, W, biases_in);
+  const Tensor dw = contig_data_weight(op, data_weight, W.back().size(0), z_in.scalar_type());
   const size_t L = W.size();
   Tensor stats = at::empty({B, K, 2}, z_in.options());
   std::vector<Tensor> saved;
@@ -86,6 +89,20 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
     }
     const int64_t D = W[L - 1].size(0);
     const Tensor t = S.narrow(0, B, K * B);
+    T* out = stats.data_ptr<T>();
+    const T* w = data_ptr_or_null<T>(dw);
+    if (w != nullptr) {
+      // q = sum_d w_d t_d^2, then t <- w t in place: the chain's c_L (t itself is not needed again).
+      T* tp = t.data_ptr<T>();
+      at::parallel_for(0, K * B, grain_rows(D), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          T* x = tp + r * D;
+          const T q = T(dot(w, x, x, D));
+          for (int64_t i = 0; i < D; ++i) x[i] *= w[i];
+          out[((r % B) * K + r / B) * 2] = q;
+        }
+      });
+    }
     std::vector<Tensor> chain(L);
     Tensor c = t;
     for (size_t li = L; li-- > 0;) {
@@ -100,13 +117,12 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
     saved.push_back(c);
     const T* tp = t.data_ptr<T>();
     const T* cp = c.data_ptr<T>();
-    T* out = stats.data_ptr<T>();
-    at::parallel_for(0, B, grain_rows(K * (D + m)), [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, grain_rows(K * ((w != nullptr ? 0 : D) + m)), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         for (int64_t k = 0; k < K; ++k) {
           const T* x = tp + (k * B + b) * D;
           const T* y = cp + (k * B + b) * m;
-          out[(b * K + k) * 2] = T(dot(x, x, D));
+          if (w == nullptr) out[(b * K + k) * 2] = T(dot(x, x, D));
           out[(b * K + k) * 2 + 1] = T(dot(y, y, m));
         }
     });
@@ -116,7 +132,7 @@ std::tuple<Tensor, std::vector<Tensor>> mlp_hutchinson_forward(
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_backward(
     const Tensor& grad_stats, const std::vector<Tensor>& weights_in, const std::vector<bool>& has_bias,
-    const ActList& acts, const std::vector<Tensor>& saved) {
+    const ActList& acts, const std::vector<Tensor>& saved, const OptTensor& data_weight) {
   const char* op = "isofast mlp_hutchinson backward (cpu)";
   const size_t L = weights_in.size();
   TORCH_CHECK(saved.size() == 3 * L + 2, op, ": saved must hold ", 3 * L + 2, " tensors, got ", saved.size());
@@ -134,6 +150,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_back
   TORCH_CHECK(grad_stats.device().is_cpu(), op, ": grad_stats must be a CPU tensor, got device ", grad_stats.device());
   TORCH_CHECK(has_bias.size() == L && acts.codes.size() == L, op, ": has_bias/codes must have one entry per layer");
   const auto dtype = t.scalar_type();
+  const Tensor dw = contig_data_weight(op, data_weight, t.size(1), dtype);
   const Tensor gs = grad_stats.to(dtype);
   const Tensor gq = gs.select(2, 0).t().contiguous();  // (K, B)
   const Tensor gr = gs.select(2, 1).t().contiguous();
@@ -156,7 +173,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_back
       gw_chain[l] = at::mm(gated.t(), grad_c);
       grad_c = gg;
     }
-    // dL/dS_L: zero primal block, tangent block 2 gq t + cbar_L.
+    // dL/dS_L: zero primal block, tangent block 2 gq t + cbar_L; with a weight (t saved as
+    // c_L = w t) w (2 gq t + cbar_L) = 2 gq c_L + w cbar_L.
     const int64_t D = W[L - 1].size(0);
     Tensor Sb = at::empty({(K + 1) * B, D}, t.options());
     {
@@ -164,6 +182,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_back
       const T* tp = t.data_ptr<T>();
       const T* cp = grad_c.data_ptr<T>();
       const T* q = gq.data_ptr<T>();
+      const T* w = data_ptr_or_null<T>(dw);
       std::fill(sb, sb + B * D, T(0));
       at::parallel_for(0, K * B, grain_rows(D), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -171,7 +190,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> mlp_hutchinson_back
           T* o = sb + (B + r) * D;
           const T* x = tp + r * D;
           const T* y = cp + r * D;
-          for (int64_t i = 0; i < D; ++i) o[i] = f * x[i] + y[i];
+          if (w == nullptr) {
+            for (int64_t i = 0; i < D; ++i) o[i] = f * x[i] + y[i];
+          } else {
+            for (int64_t i = 0; i < D; ++i) o[i] = f * x[i] + w[i] * y[i];
+          }
         }
       });
     }

@@ -128,5 +128,14 @@ std::vector<Tensor> contig_bias(const char* op, const std::vector<Tensor>& w, co
   return out;
 }
 
+Tensor contig_data_weight(const char* op, const OptTensor& w, int64_t D, at::ScalarType dtype) {
+  if (!w.has_value() || !w->defined()) return Tensor();
+  TORCH_CHECK(w->dim() == 1 && w->size(0) == D, op, ": data_weight must have shape (", D,
+              ",) (the MLP's output width), got ", w->sizes());
+  TORCH_CHECK(w->scalar_type() == dtype, op, ": data_weight has dtype ", w->scalar_type(), " but z has ", dtype);
+  TORCH_CHECK(w->device().is_cpu(), op, ": data_weight must be a CPU tensor, got device ", w->device());
+  return w->contiguous();
+}
+
 }  // namespace cpu
 }  // namespace isofast

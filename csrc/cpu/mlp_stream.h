@@ -11,6 +11,9 @@
 // A ((1 + K) B x d) that is At = A + B d, sK = B d, sB = d; for the exact estimator's first layer
 // (identity seeds) the tangent pre-activation of stream k is column k of W_1 for every sample,
 // so At = W_1^T (m x d), sK = d, sB = 0 and no GEMM runs for the tangent streams.
+//
+// A diagonal data-space metric W = diag(w) (the ops' data_weight) enters the last layer only: the
+// epilogues take a pointer w to D weights, nullptr for W = I (then no loop touches it).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -153,6 +156,31 @@ inline at::opmath_type<T> dot(const T* x, const T* y, int64_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// x_k *= w for K rows of width d at x + k x_step (the data-space weight of the tangent rows).
+template <typename T>
+inline void scale_rows(const T* w, T* x, int64_t x_step, int64_t K, int64_t d) {
+  for (int64_t k = 0; k < K; ++k) {
+    T* xk = x + k * x_step;
+    for (int64_t i = 0; i < d; ++i) xk[i] *= w[i];
+  }
+}
+
+// sum_i w_i x_i y_i over n entries (the weighted inner product), accumulated as dot above.
+template <typename T>
+inline at::opmath_type<T> dot(const T* w, const T* x, const T* y, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += acc_t(w[i]) * acc_t(x[i]) * acc_t(y[i]);
+    s1 += acc_t(w[i + 1]) * acc_t(x[i + 1]) * acc_t(y[i + 1]);
+    s2 += acc_t(w[i + 2]) * acc_t(x[i + 2]) * acc_t(y[i + 2]);
+    s3 += acc_t(w[i + 3]) * acc_t(x[i + 3]) * acc_t(y[i + 3]);
+  }
+  for (; i < n; ++i) s0 += acc_t(w[i]) * acc_t(x[i]) * acc_t(y[i]);
+  return (s0 + s1) + (s2 + s3);
+}
+
 // Forward epilogue: P += bias; S[0] = s(P) (if write_primal); S[k] = s'(P) * A_k.
 template <typename T>
 void fwd_epilogue(const View<T>& v, const Tensor& bias, const Tensor& S, bool write_primal, int64_t K, int64_t B,
@@ -211,6 +239,14 @@ void check_params(const char* op, const Tensor& z, const std::vector<Tensor>& we
 std::vector<Tensor> contig(const std::vector<Tensor>& xs);
 // The biases, checked against the weights, contiguous; an undefined tensor for a layer without.
 std::vector<Tensor> contig_bias(const char* op, const std::vector<Tensor>& w, const std::vector<OptTensor>& bs);
+// The data-space weight checked against the output width D and z's dtype, contiguous; an
+// undefined tensor when absent (W = I).
+Tensor contig_data_weight(const char* op, const OptTensor& w, int64_t D, at::ScalarType dtype);
+// Its data pointer, nullptr when undefined.
+template <typename T>
+inline const T* data_ptr_or_null(const Tensor& x) {
+  return x.defined() ? x.data_ptr<T>() : nullptr;
+}
 
 }  // namespace cpu
 }  // namespace isofast

@@ -4,9 +4,14 @@ Shapes (``B`` batch, ``m`` latent width, ``K`` probes, ``L`` layers, ``d_l`` lay
 
 - ``weights``: ``L`` tensors ``(d_l, d_{l-1})``; ``biases``: ``L`` tensors ``(d_l,)`` or ``None``;
   ``acts``: ``L`` :class:`~isofast.activations.Activation` records.
-- ``mlp_pullback``: ``z (B, m)`` -> ``H (B, m, m)``, the exact pullback metric ``J^T J``.
+- ``mlp_pullback``: ``z (B, m)`` -> ``H (B, m, m)``, the exact pullback metric ``J^T W J``.
 - ``mlp_hutchinson``: ``z (B, m)``, ``probes (B, K, m)`` -> ``stats (B, K, 2)`` with
-  ``stats[..., 0] = ||J v_k||^2`` and ``stats[..., 1] = ||J^T J v_k||^2``.
+  ``stats[..., 0] = sum_d w_d (J v_k)_d^2`` and ``stats[..., 1] = ||J^T W J v_k||^2``.
+- ``data_weight``: the diagonal data-space metric ``W = diag(w)``, ``w`` a ``(D,)`` tensor
+  (``D`` the MLP's output width) of ``z``'s dtype and device, positive and finite (the caller
+  validates), a constant (no gradient is returned for it); ``None`` is ``W = I`` and costs nothing.
+  Every method takes it; only backends with :attr:`Backend.diagonal_data_metric` accept a tensor,
+  and the backward receives the forward's ``data_weight`` again.
 
 A forward returns ``(output, saved)``: ``saved`` is a tuple of tensors the autograd function keeps
 for the backward (``ctx.save_for_backward``), whatever the backend needs. A backward returns
@@ -65,6 +70,9 @@ class Backend:
     """Base class of a backend. Subclasses implement the four op methods."""
 
     name: str = "base"
+    #: Whether the op methods accept a ``data_weight`` tensor (the metric ``J^T diag(w) J``);
+    #: backends without it take ``data_weight=None`` only.
+    diagonal_data_metric: bool = False
 
     def availability(self) -> tuple[bool, str]:
         """``(True, "")`` if the backend can run in this process, else ``(False, why)``."""
@@ -84,7 +92,12 @@ class Backend:
         return True, "nothing to build"
 
     def mlp_pullback_forward(
-        self, z: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None], acts: Sequence[Activation]
+        self,
+        z: Tensor,
+        weights: Sequence[Tensor],
+        biases: Sequence[Tensor | None],
+        acts: Sequence[Activation],
+        data_weight: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError
 
@@ -95,6 +108,7 @@ class Backend:
         has_bias: Sequence[bool],
         acts: Sequence[Activation],
         saved: Sequence[Tensor],
+        data_weight: Tensor | None = None,
     ) -> Grads:
         raise NotImplementedError
 
@@ -105,6 +119,7 @@ class Backend:
         weights: Sequence[Tensor],
         biases: Sequence[Tensor | None],
         acts: Sequence[Activation],
+        data_weight: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError
 
@@ -115,8 +130,17 @@ class Backend:
         has_bias: Sequence[bool],
         acts: Sequence[Activation],
         saved: Sequence[Tensor],
+        data_weight: Tensor | None = None,
     ) -> Grads:
         raise NotImplementedError
+
+    def refuse_data_weight(self, data_weight: Tensor | None) -> None:
+        """Raise if handed a ``data_weight`` this backend does not implement (a ``None`` passes)."""
+        if data_weight is not None and not self.diagonal_data_metric:
+            raise NotImplementedError(
+                f"the {self.name!r} backend has no diagonal data-space metric (data_weight): run the op on a "
+                "backend whose diagonal_data_metric is True (torch, cpu)"
+            )
 
     def __repr__(self) -> str:
         return f"<isofast backend {self.name!r}>"

@@ -3,7 +3,8 @@
 Same contract and the same stream-major layout as :mod:`isofast.backends.torch_backend` (its
 test oracle); float32 and float64. The ops run in C++: one ATen GEMM per layer over the stacked
 ``(1 + K) B`` rows and fused, threaded epilogues; the exact estimator's first layer needs no GEMM
-for its tangent streams and its last layer reduces straight to the Gram ``J^T J``.
+for its tangent streams and its last layer reduces straight to the Gram ``J^T J`` (``J^T diag(w) J``
+with a ``data_weight``; the Hutchinson chain then starts from ``w * J v``).
 
 Availability needs the compiled extension (see :mod:`isofast._ext`); importing this module never
 compiles it.
@@ -40,8 +41,10 @@ def _grads(grad_z, grad_w, grad_b, has_bias):
 #
 # Custom-op outputs may neither alias inputs nor each other, so the wrappers hand back the C++
 # ``saved`` lists less the tensors that would: the pullback's ``saved[0]`` (``z`` itself) and the
-# Hutchinson's ``saved[3L]`` (the same tensor as ``saved[3L - 1]``). The backend methods put them
-# back. Backward ops return the bias gradients of the biased layers only (no ``None`` outputs).
+# Hutchinson's ``saved[3L]`` (the same tensor as ``saved[3L - 1]``, the chain's ``c_L``). The
+# backend methods put them back. ``data_weight`` (the diagonal data-space metric, or ``None``) is an
+# input of all four: the backward ops receive the forward's again. Backward ops return the bias
+# gradients of the biased layers only (no ``None`` outputs).
 
 _registered = False
 
@@ -50,24 +53,26 @@ def _empty(like: torch.Tensor, *shape) -> torch.Tensor:
     return like.new_empty(shape)
 
 
-def _pullback_forward(z, weights, biases, codes, p0, p1):
-    h, saved = _ext.get().mlp_pullback_forward(z, weights, biases, codes, p0, p1)
+def _pullback_forward(z, weights, biases, codes, p0, p1, data_weight=None):
+    h, saved = _ext.get().mlp_pullback_forward(z, weights, biases, codes, p0, p1, data_weight)
     return h, list(saved[1:])
 
 
-def _pullback_backward(grad_h, weights, has_bias, codes, p0, p1, saved):
-    gz, gw, gb = _ext.get().mlp_pullback_backward(grad_h, weights, has_bias, codes, p0, p1, saved)
+def _pullback_backward(grad_h, weights, has_bias, codes, p0, p1, saved, data_weight=None):
+    gz, gw, gb = _ext.get().mlp_pullback_backward(grad_h, weights, has_bias, codes, p0, p1, saved, data_weight)
     return gz, list(gw), [g for g, hb in zip(gb, has_bias) if hb]
 
 
-def _hutchinson_forward(z, probes, weights, biases, codes, p0, p1):
-    stats, saved = _ext.get().mlp_hutchinson_forward(z, probes, weights, biases, codes, p0, p1)
+def _hutchinson_forward(z, probes, weights, biases, codes, p0, p1, data_weight=None):
+    stats, saved = _ext.get().mlp_hutchinson_forward(z, probes, weights, biases, codes, p0, p1, data_weight)
     L = len(weights)
     return stats, list(saved[: 3 * L]) + [saved[3 * L + 1]]
 
 
-def _hutchinson_backward(grad_stats, weights, has_bias, codes, p0, p1, saved):
-    gz, gw, gb = _ext.get().mlp_hutchinson_backward(grad_stats, weights, has_bias, codes, p0, p1, saved)
+def _hutchinson_backward(grad_stats, weights, has_bias, codes, p0, p1, saved, data_weight=None):
+    gz, gw, gb = _ext.get().mlp_hutchinson_backward(
+        grad_stats, weights, has_bias, codes, p0, p1, saved, data_weight
+    )
     return gz, list(gw), [g for g, hb in zip(gb, has_bias) if hb]
 
 
@@ -80,12 +85,12 @@ def _register_ops() -> None:
     @custom_op("isofast::cpu_mlp_pullback_forward", mutates_args=(), device_types="cpu")
     def pullback_forward(
         z: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
-        codes: list[int], p0: list[float], p1: list[float],
+        codes: list[int], p0: list[float], p1: list[float], data_weight: Optional[Tensor] = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        return _pullback_forward(z, weights, biases, codes, p0, p1)
+        return _pullback_forward(z, weights, biases, codes, p0, p1, data_weight)
 
     @register_fake("isofast::cpu_mlp_pullback_forward")
-    def _(z, weights, biases, codes, p0, p1):
+    def _(z, weights, biases, codes, p0, p1, data_weight=None):
         B, m = z.shape
         rows = (m + 1) * B
         saved = [_empty(z, B, weights[0].shape[0])]
@@ -97,11 +102,12 @@ def _register_ops() -> None:
     def pullback_backward(
         grad_h: Tensor, weights: list[Tensor], has_bias: list[bool],
         codes: list[int], p0: list[float], p1: list[float], saved: list[Tensor],
+        data_weight: Optional[Tensor] = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        return _pullback_backward(grad_h, weights, has_bias, codes, p0, p1, saved)
+        return _pullback_backward(grad_h, weights, has_bias, codes, p0, p1, saved, data_weight)
 
     @register_fake("isofast::cpu_mlp_pullback_backward")
-    def _(grad_h, weights, has_bias, codes, p0, p1, saved):
+    def _(grad_h, weights, has_bias, codes, p0, p1, saved, data_weight=None):
         z = saved[0]
         return (
             _empty(z, *z.shape),
@@ -112,12 +118,12 @@ def _register_ops() -> None:
     @custom_op("isofast::cpu_mlp_hutchinson_forward", mutates_args=(), device_types="cpu")
     def hutchinson_forward(
         z: Tensor, probes: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
-        codes: list[int], p0: list[float], p1: list[float],
+        codes: list[int], p0: list[float], p1: list[float], data_weight: Optional[Tensor] = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        return _hutchinson_forward(z, probes, weights, biases, codes, p0, p1)
+        return _hutchinson_forward(z, probes, weights, biases, codes, p0, p1, data_weight)
 
     @register_fake("isofast::cpu_mlp_hutchinson_forward")
-    def _(z, probes, weights, biases, codes, p0, p1):
+    def _(z, probes, weights, biases, codes, p0, p1, data_weight=None):
         B, m = z.shape
         K = probes.shape[1]
         rows = (K + 1) * B
@@ -134,11 +140,12 @@ def _register_ops() -> None:
     def hutchinson_backward(
         grad_stats: Tensor, weights: list[Tensor], has_bias: list[bool],
         codes: list[int], p0: list[float], p1: list[float], saved: list[Tensor],
+        data_weight: Optional[Tensor] = None,
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        return _hutchinson_backward(grad_stats, weights, has_bias, codes, p0, p1, saved)
+        return _hutchinson_backward(grad_stats, weights, has_bias, codes, p0, p1, saved, data_weight)
 
     @register_fake("isofast::cpu_mlp_hutchinson_backward")
-    def _(grad_stats, weights, has_bias, codes, p0, p1, saved):
+    def _(grad_stats, weights, has_bias, codes, p0, p1, saved, data_weight=None):
         B = grad_stats.shape[0]
         w0 = weights[0]
         return (
@@ -171,6 +178,7 @@ _EAGER = {
 
 class CpuBackend(Backend):
     name = "cpu"
+    diagonal_data_metric = True
 
     def availability(self) -> tuple[bool, str]:
         module, why = _ext.load()
@@ -188,22 +196,25 @@ class CpuBackend(Backend):
     def build(self) -> tuple[bool, str]:
         return _ext.build()
 
-    def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
-        h, saved = _call("mlp_pullback_forward", z, list(weights), list(biases), *act_args(acts))
+    def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
+        h, saved = _call("mlp_pullback_forward", z, list(weights), list(biases), *act_args(acts), data_weight)
         return h, (z, *saved)
 
-    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
-        out = _call("mlp_pullback_backward", grad_h, list(weights), list(has_bias), *act_args(acts), list(saved))
+    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
+        out = _call("mlp_pullback_backward", grad_h, list(weights), list(has_bias), *act_args(acts), list(saved),
+                    data_weight)
         return _grads(*out, has_bias)
 
-    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts):  # type: ignore[override]
-        stats, saved = _call("mlp_hutchinson_forward", z, probes, list(weights), list(biases), *act_args(acts))
+    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts, data_weight=None):  # type: ignore[override]
+        stats, saved = _call("mlp_hutchinson_forward", z, probes, list(weights), list(biases), *act_args(acts),
+                             data_weight)
         n = 3 * len(weights)
         return stats, (*saved[:n], saved[n - 1], saved[n])
 
-    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved):  # type: ignore[override]
+    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         out = _call(
-            "mlp_hutchinson_backward", grad_stats, list(weights), list(has_bias), *act_args(acts), list(saved)
+            "mlp_hutchinson_backward", grad_stats, list(weights), list(has_bias), *act_args(acts), list(saved),
+            data_weight,
         )
         return _grads(*out, has_bias)
 

@@ -52,6 +52,9 @@ def _torch_includes() -> list[str]:
 
 class CudaBackend(TorchBackend):
     name = "cuda"
+    #: The CUDA Gram epilogue has no diagonal data-space metric: ``data_weight`` must be ``None``
+    #: (the Hutchinson methods, inherited from the torch twin, refuse it too, for one contract).
+    diagonal_data_metric = False
 
     def availability(self) -> tuple[bool, str]:
         module, why = _ext.load()
@@ -121,7 +124,8 @@ class CudaBackend(TorchBackend):
 
     # --- exact pullback: ATen GEMMs + fused CUDA epilogues -----------------------------------
 
-    def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
+    def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
+        self.refuse_data_weight(data_weight)
         ext = _ext.get()
         codes, p0, p1 = act_args(acts)
         bsz, m = z.shape
@@ -135,7 +139,8 @@ class CudaBackend(TorchBackend):
         t = s[bsz:].view(m, bsz, -1).transpose(0, 1).contiguous()  # (B, K, D)
         return ext.cuda_gram(t), (*saved, t)
 
-    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
+    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
+        self.refuse_data_weight(data_weight)
         ext = _ext.get()
         codes, p0, p1 = act_args(acts)
         *layers, t = saved
@@ -158,6 +163,14 @@ class CudaBackend(TorchBackend):
             else:
                 grad_z = sb[:bsz] @ weights[0]
         return grad_z, grad_w, grad_b
+
+    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts, data_weight=None):  # type: ignore[override]
+        self.refuse_data_weight(data_weight)
+        return super().mlp_hutchinson_forward(z, probes, weights, biases, acts)
+
+    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
+        self.refuse_data_weight(data_weight)
+        return super().mlp_hutchinson_backward(grad_stats, weights, has_bias, acts, saved)
 
 
 BACKEND = CudaBackend()

@@ -87,33 +87,38 @@ def identity_seeds(z: Tensor) -> Tensor:
     return torch.cat([z.unsqueeze(0), eye], dim=0)
 
 
-def _gram(t: Tensor) -> Tensor:
-    """``G[b, k, l] = <t[k, b], t[l, b]>`` for ``t (K, B, D)``, accumulated in fp32 or wider."""
+def _gram(t: Tensor, data_weight: Tensor | None = None) -> Tensor:
+    """``G[b, k, l] = sum_d w_d t[k, b, d] t[l, b, d]`` for ``t (K, B, D)`` (``w = 1`` when
+    ``data_weight`` is ``None``), accumulated in fp32 or wider."""
     acc = t.to(acc_dtype(t.dtype)).permute(1, 0, 2)
-    return acc @ acc.transpose(1, 2)
+    left = acc if data_weight is None else acc * data_weight.to(acc.dtype)
+    return left @ acc.transpose(1, 2)
 
 
 class TorchBackend(Backend):
     name = "torch"
+    diagonal_data_metric = True
 
-    def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
+    def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
         s, layers = stream_forward(identity_seeds(z), weights, biases, acts)
         t = s[1:]
-        return _gram(t), (*layers, t)
+        return _gram(t, data_weight), (*layers, t)
 
-    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
+    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         *layers, t = saved
         sym = (grad_h + grad_h.transpose(1, 2)).to(t.dtype)
         grad_t = torch.einsum("bkl,lbd->kbd", sym, t)
+        if data_weight is not None:  # H = T^T diag(w) T: tbar_k = w * sum_l (Hbar + Hbar^T)[k, l] t_l
+            grad_t.mul_(data_weight)
         grad_s = torch.cat([torch.zeros_like(t[:1]), grad_t], dim=0)
         return stream_backward(grad_s, weights, has_bias, acts, layers)
 
-    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts):  # type: ignore[override]
+    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts, data_weight=None):  # type: ignore[override]
         seeds = torch.cat([z.unsqueeze(0), probes.transpose(0, 1)], dim=0)
         s, layers = stream_forward(seeds, weights, biases, acts)
         t = s[1:]
-        # VJP chain c_{l-1} = (s'(p_l) * c_l) W_l from c_L = J v: ends at c_0 = J^T J v.
-        c = t
+        # VJP chain c_{l-1} = (s'(p_l) * c_l) W_l from c_L = W J v: ends at c_0 = J^T W J v.
+        c = t if data_weight is None else t * data_weight
         chain: list[Tensor] = []
         for l in reversed(range(len(weights))):
             chain.append(c)
@@ -121,10 +126,12 @@ class TorchBackend(Backend):
             c = (d1.unsqueeze(0) * c) @ weights[l]
         chain.reverse()
         acc = acc_dtype(z.dtype)
-        stats = torch.stack([t.to(acc).square().sum(-1), c.to(acc).square().sum(-1)], dim=-1)
+        sq = t.to(acc).square()
+        q = (sq if data_weight is None else sq * data_weight.to(acc)).sum(-1)  # sum_d w_d (J v)_d^2
+        stats = torch.stack([q, c.to(acc).square().sum(-1)], dim=-1)
         return stats.transpose(0, 1), (*layers, *chain, t, c)
 
-    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved):  # type: ignore[override]
+    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         n_layers = len(weights)
         layers = saved[: 3 * n_layers]
         chain = saved[3 * n_layers : 4 * n_layers]
@@ -142,7 +149,11 @@ class TorchBackend(Backend):
             grad_w_chain.append(gated.reshape(-1, gated.shape[-1]).t() @ grad_c.reshape(-1, grad_c.shape[-1]))
             grad_p_chain.append(d2 * (c_l * grad_g).sum(0) if acts[l].has_second_derivative else None)
             grad_c = d1.unsqueeze(0) * grad_g
-        grad_s = torch.cat([torch.zeros_like(t[:1]), 2 * grad_q * t + grad_c], dim=0)
+        # q = sum_d w_d t_d^2 and c_L = w * t: tbar = w * (2 qbar t + cbar_L).
+        grad_t = 2 * grad_q * t + grad_c
+        if data_weight is not None:
+            grad_t.mul_(data_weight)
+        grad_s = torch.cat([torch.zeros_like(t[:1]), grad_t], dim=0)
         return stream_backward(grad_s, weights, has_bias, acts, layers, grad_p_chain, grad_w_chain)
 
 

@@ -83,6 +83,11 @@ def _contig(ts: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else t.contiguous() for t in ts]
 
 
+def _weight(data_weight: Tensor | None) -> Tensor | None:
+    """The data-space weight as the kernels read it (contiguous), or ``None``."""
+    return None if data_weight is None else data_weight.contiguous()
+
+
 def _cast_grads(grad_z: Tensor, wgrads: list[Tensor], bgrads: list[Tensor | None], weights: Sequence[Tensor],
                 dtype: torch.dtype) -> Grads:
     return (
@@ -94,6 +99,8 @@ def _cast_grads(grad_z: Tensor, wgrads: list[Tensor], bgrads: list[Tensor | None
 
 class TritonBackend(Backend):
     name = "triton"
+    #: The last layer's kernels (Gram, statistics, chain top) weight by ``data_weight``.
+    diagonal_data_metric = True
 
     # ---------------------------------------------------------------- availability
 
@@ -126,35 +133,36 @@ class TritonBackend(Backend):
 
     # ---------------------------------------------------------------- ops
 
-    def mlp_pullback_forward(self, z, weights, biases, acts):  # type: ignore[override]
+    def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
         k = _kernels()
         prec = _prec_code()
         gram, saved = k.mlp_pullback.mlp_pullback_forward(
-            z.contiguous(), _contig(weights), _contig(biases), acts, prec
+            z.contiguous(), _contig(weights), _contig(biases), acts, prec, _weight(data_weight)
         )
         return gram, (*saved, _precision_tag(prec))  # fp32: the accumulation dtype (base.acc_dtype)
 
-    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved):  # type: ignore[override]
+    def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         *saved, tag = saved
         k = _kernels()
         grad_z, wg, bg = k.mlp_pullback.mlp_pullback_backward(
-            grad_h.contiguous(), _contig(weights), has_bias, acts, saved, tag.shape[0]
+            grad_h.contiguous(), _contig(weights), has_bias, acts, saved, tag.shape[0], _weight(data_weight)
         )
         return _cast_grads(grad_z, wg, bg, weights, weights[0].dtype)
 
-    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts):  # type: ignore[override]
+    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts, data_weight=None):  # type: ignore[override]
         k = _kernels()
         prec = _prec_code()
         stats, saved = k.mlp_hutchinson.mlp_hutchinson_forward(
-            z.contiguous(), probes.to(z.dtype).contiguous(), _contig(weights), _contig(biases), acts, prec
+            z.contiguous(), probes.to(z.dtype).contiguous(), _contig(weights), _contig(biases), acts, prec,
+            _weight(data_weight),
         )
         return stats, (*saved, _precision_tag(prec))  # fp32: the accumulation dtype (base.acc_dtype)
 
-    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved):  # type: ignore[override]
+    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         *saved, tag = saved
         k = _kernels()
         grad_z, wg, bg = k.mlp_hutchinson.mlp_hutchinson_backward(
-            grad_stats.contiguous(), _contig(weights), has_bias, acts, saved, tag.shape[0]
+            grad_stats.contiguous(), _contig(weights), has_bias, acts, saved, tag.shape[0], _weight(data_weight)
         )
         return _cast_grads(grad_z, wg, bg, weights, weights[0].dtype)
 
@@ -206,7 +214,7 @@ def compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, object]
     ns, nsp, bm = 3, 4, 16  # exact mode at m = 2: 64 stacked rows, as on the GPU
 
     def fwd(act, prec):
-        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, SAVE_P=True, SAVE_T=True, STATS=True,
+        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, SAVE_P=True, SAVE_T=True, STATS=True, HAS_W=True,
                     BM=bm, BN=64, BK=32, PREC=prec)
 
     def dgrad(act, prec):
@@ -218,13 +226,14 @@ def compile_specs() -> list[tuple[str, object, dict[str, str], dict[str, object]
                     BM=bm, BN=64, BJ=64, PREC=prec)
 
     def gram(act, prec):
-        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, BM=bm, BN=64, BK=32, PREC=prec)
+        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, HAS_W=True, BM=bm, BN=64, BK=32, PREC=prec)
 
     def gram_bwd(act, prec):
-        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, HAS_D2=True, BM=bm, BN=64, BK=32, PREC=prec)
+        return dict(NS=ns, NSP=nsp, ACT=act, HAS_BIAS=True, HAS_D2=True, HAS_W=True, BM=bm, BN=64, BK=32,
+                    PREC=prec)
 
     def chain_bwd(act, prec):
-        return dict(NS=2, NSP=2, ACT=act, HAS_D2=True, LAST=True, BM=32, BN=64, BK=32, PREC=prec)
+        return dict(NS=2, NSP=2, ACT=act, HAS_D2=True, LAST=True, HAS_W=True, BM=32, BN=64, BK=32, PREC=prec)
 
     table = [
         ("mlp_stream_fwd", ms.mlp_stream_fwd_kernel, fwd),

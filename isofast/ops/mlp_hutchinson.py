@@ -1,4 +1,5 @@
-"""``mlp_hutchinson``: per-probe trace statistics ``||J v||^2`` and ``||J^T J v||^2`` of an MLP."""
+"""``mlp_hutchinson``: per-probe trace statistics ``||J v||^2`` and ``||J^T J v||^2`` of an MLP (with a
+diagonal data-space metric ``W``: ``v^T J^T W J v`` and ``||J^T W J v||^2``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch.autograd.function import once_differentiable
 
 from isofast.backends.base import Backend
 from isofast.mlp import MLPSpec, interleave
-from isofast.ops.mlp_pullback import autocast_off
+from isofast.ops.mlp_pullback import autocast_off, check_data_weight
 
 
 class MLPHutchinson(torch.autograd.Function):
@@ -18,29 +19,36 @@ class MLPHutchinson(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, backend: Backend, acts: tuple, z: Tensor, probes: Tensor, *params: Tensor | None
+        ctx: Any, backend: Backend, acts: tuple, z: Tensor, probes: Tensor, data_weight: Tensor | None,
+        *params: Tensor | None,
     ) -> Tensor:
         weights, biases = params[0::2], params[1::2]
         with autocast_off(z.device):
-            stats, saved = backend.mlp_hutchinson_forward(z, probes, weights, biases, acts)
+            stats, saved = backend.mlp_hutchinson_forward(z, probes, weights, biases, acts, data_weight)
         ctx.backend, ctx.acts = backend, acts
         ctx.has_bias = tuple(b is not None for b in biases)
-        ctx.save_for_backward(*weights, *saved)
+        ctx.save_for_backward(data_weight, *weights, *saved)
         return stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_stats: Tensor) -> tuple[Tensor | None, ...]:
         n = len(ctx.acts)
-        weights, saved = ctx.saved_tensors[:n], ctx.saved_tensors[n:]
+        data_weight, weights, saved = ctx.saved_tensors[0], ctx.saved_tensors[1 : n + 1], ctx.saved_tensors[n + 1 :]
         with autocast_off(grad_stats.device):
             grad_z, grad_w, grad_b = ctx.backend.mlp_hutchinson_backward(
-                grad_stats.contiguous(), weights, ctx.has_bias, ctx.acts, saved
+                grad_stats.contiguous(), weights, ctx.has_bias, ctx.acts, saved, data_weight
             )
-        return (None, None, grad_z, None, *interleave(grad_w, grad_b))
+        return (None, None, grad_z, None, None, *interleave(grad_w, grad_b))
 
 
-def mlp_hutchinson(backend: Backend, spec: MLPSpec, z: Tensor, probes: Tensor) -> Tensor:
+def mlp_hutchinson(
+    backend: Backend, spec: MLPSpec, z: Tensor, probes: Tensor, data_weight: Tensor | None = None
+) -> Tensor:
     """``stats (B, K, 2)`` for codes ``z (B, m)`` and probes ``(B, K, m)`` (treated as constants):
-    ``stats[..., 0] = ||J v_k||^2``, ``stats[..., 1] = ||J^T J v_k||^2``."""
-    return MLPHutchinson.apply(backend, spec.activations, z, probes, *spec.params())
+    ``stats[..., 0] = sum_d w_d (J v_k)_d^2``, ``stats[..., 1] = ||J^T diag(w) J v_k||^2`` (``w = 1``
+    when ``data_weight`` is ``None``). ``data_weight``: ``w (D,)``, ``z``'s dtype and device,
+    positive and finite, treated as a constant (no gradient); only backends with
+    ``diagonal_data_metric``."""
+    return MLPHutchinson.apply(backend, spec.activations, z, probes, check_data_weight(backend, spec, data_weight),
+                               *spec.params())
