@@ -308,7 +308,9 @@ def test_cli_train_writes_every_output(tmp_path, capsys):
     assert {"mse", "mcn", "vor", "history"} <= set(metrics)
     assert metrics["mcn"] >= 1 and metrics["vor"] >= 0 and 0 < metrics["mse"] < 1
     assert len(metrics["history"]) == 2
-    assert {"epoch", "loss", "reg", "reg_share", "val_mse", "val_mcn", "val_vor"} <= set(metrics["history"][0])
+    assert {"epoch", "loss", "reg", "reg_share", "val_mse", "val_mcn", "val_vor", "epoch_cpu_s"} <= set(metrics["history"][0])
+    assert metrics["train_cpu_s"] == pytest.approx(sum(r["epoch_cpu_s"] for r in metrics["history"]))
+    assert metrics["train_cpu_s"] > 0
     assert (out / "latent.png").read_bytes()[:8] == PNG_MAGIC
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
@@ -330,9 +332,10 @@ def test_cli_compare_tiny(tmp_path, capsys):
                      "--out", str(out)]) == 0
     table = json.load(open(out / "compare.json"))
     assert set(table["models"]) == {"vae", "irvae"}
-    assert {"mse", "mcn", "vor"} <= set(table["models"]["irvae"])
+    assert {"mse", "mcn", "vor", "train_cpu_s"} <= set(table["models"]["irvae"])
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
-    assert "IRVAE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "IRVAE" in printed and "CPU (s)" in printed
 
 
 def test_tensorboard_flag_without_tensorboard_is_explained(tmp_path, capsys):

@@ -32,9 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def format_table(rows: dict[str, dict[str, float]], selected: dict[str, dict[str, float]] | None = None) -> str:
     """A fixed-width text table of ``rows[model][column]`` (final models), then the selected models
     (best validation MSE) as ``MODEL@best`` rows with the step they were taken at."""
-    lines = [f"{'model':<12}" + "".join(f"{c.upper():>12}" for c in COLUMNS) + f"{'time (s)':>12}"]
+    lines = [f"{'model':<12}" + "".join(f"{c.upper():>12}" for c in COLUMNS) + f"{'time (s)':>12}{'CPU (s)':>12}"]
     for name, r in rows.items():
-        lines.append(f"{name.upper():<12}" + "".join(f"{r[c]:>12.4g}" for c in COLUMNS) + f"{r['train_time_s']:>12.1f}")
+        lines.append(f"{name.upper():<12}" + "".join(f"{r[c]:>12.4g}" for c in COLUMNS)
+                     + f"{r['train_time_s']:>12.1f}{r['train_cpu_s']:>12.1f}")
     for name, r in (selected or {}).items():
         lines.append(f"{name.upper() + '@best':<12}" + "".join(f"{r[c]:>12.4g}" for c in COLUMNS)
                      + f"{'step ' + str(r['step']):>12}")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = train(config)
             if not metrics:  # a non-zero DDP rank: nothing to report
                 continue
-            rows[kind] = {k: metrics[k] for k in (*COLUMNS, "train_time_s")}
+            rows[kind] = {k: metrics[k] for k in (*COLUMNS, "train_time_s", "train_cpu_s")}
             if metrics["selected"]:
                 selected[kind] = metrics["selected"]
             # Re-evaluate the final model from the saved checkpoint for the figure's codes.

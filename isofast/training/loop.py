@@ -571,7 +571,7 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo, ckpt: di
         # disable=None: tqdm draws the bar only on a terminal (a log file keeps the epoch lines).
         bar = tqdm(batches, desc=f"{config.model} epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=None if config.progress and info.is_main else True, dynamic_ncols=True)
-        t_epoch = time.perf_counter()
+        t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
         for idx in bar:
             parts = train_step(ddp_model, train_x[idx], optimizer, timer)
             dt, dr = timer.read()
@@ -590,6 +590,8 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo, ckpt: di
         bar.close()
         row: dict[str, float] = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
         row["epoch_time_s"] = time.perf_counter() - t_epoch
+        # CPU time of the process: what an epoch costs, whatever else shares the machine.
+        row["epoch_cpu_s"] = time.process_time() - cpu_epoch
         row["reg_share"] = reg_time / max(step_time, 1e-12)
         row["lr"] = optimizer.param_groups[0]["lr"]
         if model.variational:
@@ -621,6 +623,7 @@ def _train(config: TrainConfig, device: torch.device, info: D.DistInfo, ckpt: di
     final, z, h = evaluate(model, test_split, geodesic=data.geodesic, max_points=config.eval_points)
     metrics = {**final, "model": config.model, "dataset": config.dataset, "epochs": config.epochs,
                "n_test": len(data.test), "train_time_s": sum(r["epoch_time_s"] for r in history),
+               "train_cpu_s": sum(r.get("epoch_cpu_s", math.nan) for r in history),
                "selected": _selected_metrics(config, data, best, test_split), "history": history}
     _write_json(os.path.join(out, METRICS_FILE), metrics)
     _write_csv(os.path.join(out, LOG_FILE), history)
