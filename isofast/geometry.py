@@ -125,17 +125,25 @@ def spd_matrix(g: Tensor) -> DataMetric:
     return DataMetric("matrix", factor=cholesky(g, "data_metric G"))
 
 
-def data_metric(value: object) -> DataMetric | None:
+def data_metric(value: object, z: Tensor | None = None) -> DataMetric | None:
     """Validate the ``data_metric`` argument: ``None``; positive per-output weights (a tensor with
     ``D`` entries, any shape, e.g. the decoder's output shape: a diagonal ``G``); a fixed SPD
     matrix wrapped by :func:`spd_matrix`; or a callable ``(x (N, D), w (N, D)) -> G(x) w (N, D)``
-    acting on rows (decoder outputs and tangent images, flattened per sample)."""
-    if value is None or isinstance(value, DataMetric):
+    acting on rows (decoder outputs and tangent images, flattened per sample). Tensors must be on
+    the device of the codes ``z`` (when given)."""
+    if value is None:
+        return None
+    if isinstance(value, DataMetric):
+        tensor = value.weight if value.weight is not None else value.factor
+        if z is not None and tensor is not None and tensor.device != z.device:
+            raise ValueError(f"data_metric must be on z's device {z.device}, got one on {tensor.device}")
         return value
     if isinstance(value, Tensor):
         if not value.is_floating_point() or value.numel() == 0:
             raise ValueError(f"data_metric weights must be a non-empty floating tensor, got {value.dtype} of shape "
                              f"{tuple(value.shape)}")
+        if z is not None and value.device != z.device:
+            raise ValueError(f"data_metric must be on z's device {z.device}, got weights on {value.device}")
         w = value.reshape(-1)
         if can_read_values() and not bool(((w > 0) & torch.isfinite(w)).all()):
             raise ValueError("data_metric weights must be finite and > 0 (a positive definite diagonal G), got "
@@ -200,6 +208,8 @@ def latent_metric(value: object, z: Tensor) -> LatentMetric | None:
         fn, desc = BUILTIN_LATENT_METRICS[value]
         return LatentMetric("conformal", fn, f"{value!r}, {desc}")
     if isinstance(value, Tensor):
+        if value.device != z.device:
+            raise ValueError(f"latent_metric must be on z's device {z.device}, got a tensor on {value.device}")
         if tuple(value.shape) != (m, m) or not value.is_floating_point():
             raise ValueError(f"latent_metric as a tensor must be a floating (m, m) = ({m}, {m}) SPD matrix, got "
                              f"{value.dtype} of shape {tuple(value.shape)}")

@@ -285,7 +285,7 @@ def plan(
     if sync is not False and not torch.distributed.is_initialized():
         raise ValueError("sync=True needs an initialised torch.distributed process group")
     m = z[0].numel()
-    geo = Geometry(geometry.data_metric(data_metric), geometry.latent_metric(latent_metric, z))
+    geo = Geometry(geometry.data_metric(data_metric, z), geometry.latent_metric(latent_metric, z))
     autocast = autocast_dtype(z.device)
     spec, path_why = _path(decoder, z)
     if spec is not None and estimator == "forward":

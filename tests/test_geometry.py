@@ -376,6 +376,8 @@ def test_data_metric_weights_that_require_grad_get_their_gradient() -> None:
     ({"data_metric": torch.ones(D_CONV + 1, dtype=torch.float64)}, "D = 64 outputs per sample, got one of size 65"),
     ({"data_metric": torch.ones(D_CONV, D_CONV, dtype=torch.float64)}, "spd_matrix"),
     ({"data_metric": "euclid"}, "data_metric must be None"),
+    ({"data_metric": torch.ones(D_CONV, dtype=torch.float64, device="meta")}, "data_metric must be on z's device cpu"),
+    ({"latent_metric": torch.eye(M_LATENT, dtype=torch.float64, device="meta")}, "latent_metric must be on z's device"),
     ({"data_metric": lambda x, w: w[:, :3]}, "must return G\\(x\\) w of w's shape"),
     ({"data_metric": lambda x, w: -w}, "not positive semi-definite"),
     ({"data_metric": lambda x, w: w + torch.roll(w, 1, dims=-1)}, "not symmetric"),
