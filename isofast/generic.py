@@ -35,7 +35,7 @@ from torch import Tensor
 
 from isofast._checks import can_read_values
 from isofast.backends.base import acc_dtype
-from isofast.geometry import IDENTITY, Geometry, whiten_covectors, whiten_vectors
+from isofast.geometry import IDENTITY, Geometry, check_product_gram, whiten_covectors, whiten_vectors
 from isofast.ops.tangent_gram import tangent_gram, tangent_sqnorm
 from isofast import streams
 from isofast.tangents import checked_decoder, tangent_images
@@ -86,14 +86,7 @@ class Images:
         if self.ga is None:
             return tangent_gram(self.a)
         g = self.a @ self.ga.transpose(1, 2)
-        if can_read_values():
-            diag = torch.diagonal(g.detach(), dim1=1, dim2=2)
-            big = g.detach().abs().amax().clamp_min(torch.finfo(g.dtype).tiny)
-            if bool((diag < -1e-6 * big).any()):
-                raise ValueError("data_metric(x, w) is not positive semi-definite: w^T G(x) w < 0 for a tangent image")
-            asym = float((g - g.transpose(1, 2)).detach().abs().amax() / big)
-            if asym > (1e-10 if g.dtype == torch.float64 else 1e-4):
-                raise ValueError(f"data_metric(x, w) is not symmetric: a^T G b and b^T G a differ by {asym:.3g} relative")
+        check_product_gram(g)
         return g
 
     def sqnorm(self) -> Tensor:

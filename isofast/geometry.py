@@ -55,6 +55,17 @@ def _check_symmetric(a: Tensor, what: str) -> None:
         raise ValueError(f"{what} must be symmetric, got a relative asymmetry of {asym:.3g}")
 
 
+def check_product_gram(g: Tensor) -> None:
+    """Refuse a product-form data metric from the Grams ``g (B, K, K)`` it produced: they must be
+    symmetric with a non-negative diagonal (``w^T G(x) w >= 0``). Eager mode only."""
+    if not can_read_values():
+        return
+    diag = torch.diagonal(g.detach(), dim1=1, dim2=2)
+    if bool((diag < -1e-6 * g.detach().abs().amax()).any()):
+        raise ValueError("data_metric(x, w) is not positive semi-definite: w^T G(x) w < 0 for a tangent image")
+    _check_symmetric(g, "data_metric(x, w)")
+
+
 def cholesky(a: Tensor, what: str) -> Tensor:
     """Lower Cholesky factor of SPD ``a (..., n, n)``; ``ValueError`` naming ``what`` if it is not SPD."""
     _check_symmetric(a, what)

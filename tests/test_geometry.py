@@ -380,7 +380,7 @@ def test_data_metric_weights_that_require_grad_get_their_gradient() -> None:
     ({"latent_metric": torch.eye(M_LATENT, dtype=torch.float64, device="meta")}, "latent_metric must be on z's device"),
     ({"data_metric": lambda x, w: w[:, :3]}, "must return G\\(x\\) w of w's shape"),
     ({"data_metric": lambda x, w: -w}, "not positive semi-definite"),
-    ({"data_metric": lambda x, w: w + torch.roll(w, 1, dims=-1)}, "not symmetric"),
+    ({"data_metric": lambda x, w: w + torch.roll(w, 1, dims=-1)}, "data_metric\\(x, w\\) must be symmetric"),
     ({"latent_metric": "hyperbolic"}, "latent_metric must be one of 'sphere_stereographic'"),
     ({"latent_metric": -torch.eye(M_LATENT, dtype=torch.float64)}, "latent_metric must be symmetric positive definite"),
     ({"latent_metric": torch.eye(2, dtype=torch.float64)}, "\\(m, m\\) = \\(3, 3\\)"),
