@@ -257,9 +257,10 @@ def test_no_ext_env_disables(cpu_ext, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("widths", [[3, 7, 5, 6], [2, 9]])
 def test_custom_ops_opcheck(cpu_ext, dtype, widths):
-    """The ``isofast::cpu_*`` custom ops (what torch.compile traces) pass torch.library.opcheck:
-    schema, fake (shape-only) implementations, and tracing; a bias-free layer included."""
-    from isofast.backends.cpu_backend import act_args
+    """The ``isofast::mlp_*`` custom ops' CPU kernels (what torch.compile traces) pass
+    torch.library.opcheck: schema, fake (shape-only) implementations, and tracing; a bias-free
+    layer included."""
+    from isofast.library import act_args
 
     dec = make_mlp(widths, act="softplus", dtype=dtype, seed=3)
     spec, _ = extract_mlp(dec)
@@ -272,21 +273,35 @@ def test_custom_ops_opcheck(cpu_ext, dtype, widths):
     probes = torch.randn(4, 3, widths[0], generator=gen, dtype=dtype)
     ops = torch.ops.isofast
 
-    torch.library.opcheck(ops.cpu_mlp_pullback_forward, (z, weights, biases, *acts))
+    torch.library.opcheck(ops.mlp_pullback_forward, (z, weights, biases, *acts))
     h, saved = cpu_ext.mlp_pullback_forward(z, weights, biases, spec.activations)
     grad_h = torch.randn(h.shape, generator=gen, dtype=dtype)
-    torch.library.opcheck(ops.cpu_mlp_pullback_backward, (grad_h, weights, has_bias, *acts, list(saved)))
+    torch.library.opcheck(ops.mlp_pullback_backward, (grad_h, weights, has_bias, *acts, list(saved)))
 
-    torch.library.opcheck(ops.cpu_mlp_hutchinson_forward, (z, probes, weights, biases, *acts))
+    torch.library.opcheck(ops.mlp_hutchinson_forward, (z, probes, weights, biases, *acts))
     st, saved = cpu_ext.mlp_hutchinson_forward(z, probes, weights, biases, spec.activations)
     grad_st = torch.randn(st.shape, generator=gen, dtype=dtype)
-    torch.library.opcheck(ops.cpu_mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved)))
+    torch.library.opcheck(ops.mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved)))
 
     # With the diagonal data-space metric (an optional last input of all four ops).
     dw = 0.5 + torch.rand(widths[-1], generator=gen, dtype=dtype)
-    torch.library.opcheck(ops.cpu_mlp_pullback_forward, (z, weights, biases, *acts, dw))
+    torch.library.opcheck(ops.mlp_pullback_forward, (z, weights, biases, *acts, dw))
     h, saved = cpu_ext.mlp_pullback_forward(z, weights, biases, spec.activations, dw)
-    torch.library.opcheck(ops.cpu_mlp_pullback_backward, (grad_h, weights, has_bias, *acts, list(saved), dw))
-    torch.library.opcheck(ops.cpu_mlp_hutchinson_forward, (z, probes, weights, biases, *acts, dw))
+    torch.library.opcheck(ops.mlp_pullback_backward, (grad_h, weights, has_bias, *acts, list(saved), dw))
+    torch.library.opcheck(ops.mlp_hutchinson_forward, (z, probes, weights, biases, *acts, dw))
     st, saved = cpu_ext.mlp_hutchinson_forward(z, probes, weights, biases, spec.activations, dw)
-    torch.library.opcheck(ops.cpu_mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved), dw))
+    torch.library.opcheck(ops.mlp_hutchinson_backward, (grad_st, weights, has_bias, *acts, list(saved), dw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_custom_ops_opcheck(cpu_ext, dtype):
+    """The spectral ops ``isofast::eigvalsh``, ``logdet``, ``condition_numbers`` and
+    ``airm_sq_to_mean`` pass torch.library.opcheck on their CPU kernels."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, 4, generator=gen, dtype=dtype)
+    H = a @ a.transpose(1, 2) + torch.eye(4, dtype=dtype)
+    ops = torch.ops.isofast
+    for op in (ops.eigvalsh, ops.condition_numbers, ops.airm_sq_to_mean):
+        torch.library.opcheck(op, (H,))
+    for with_grad in (True, False):
+        torch.library.opcheck(ops.logdet, (H, with_grad))

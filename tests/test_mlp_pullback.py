@@ -121,10 +121,10 @@ def test_data_weight_is_a_constant_and_shape_checked(data_metric_backend) -> Non
         mlp_pullback(data_metric_backend, spec, z, data_weight=torch.ones(5, dtype=torch.float64))
 
 
-def test_backends_without_the_metric_refuse_a_weight() -> None:
+def test_backends_without_the_metric_refuse_a_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     """A backend whose ``diagonal_data_metric`` is False takes ``data_weight=None`` only, and says so
     (the cuda backend is one; the base class declares none)."""
-    from isofast import backends
+    from isofast import backends, dispatch
     from isofast.backends.base import Backend
     from isofast.backends.torch_backend import TorchBackend
 
@@ -135,6 +135,8 @@ def test_backends_without_the_metric_refuse_a_weight() -> None:
     class Plain(TorchBackend):
         name = "plain"
         diagonal_data_metric = False
+
+    monkeypatch.setitem(dispatch.TABLE, "plain", dispatch.TABLE["torch"])  # every backend has its entries
 
     dec = make_mlp([2, 5, 4], act="tanh", seed=12)
     spec, _ = extract_mlp(dec)
