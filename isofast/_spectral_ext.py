@@ -37,7 +37,7 @@ class _LogDet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, H: Tensor) -> Tensor:
-        out, grad = library.logdet(H, H.requires_grad)
+        out, grad = library.call("logdet", H.device, H, H.requires_grad)
         if H.requires_grad:
             ctx.save_for_backward(grad)
         return out
@@ -53,7 +53,7 @@ def eigvalsh(H: Tensor) -> Tensor:
     """``(B, m)`` ascending eigenvalues of ``H (B, m, m)``, in ``H``'s dtype."""
     if not _compiled(H):
         return spectral._eigvalsh_torch(H)
-    return library.eigvalsh(H.to(_work_dtype(H.dtype))).to(H.dtype)
+    return library.call("eigvalsh", H.device, H.to(_work_dtype(H.dtype))).to(H.dtype)
 
 
 def logdet(H: Tensor) -> Tensor:
@@ -67,11 +67,11 @@ def condition_numbers(H: Tensor) -> Tensor:
     """``(B,)`` condition numbers of ``H (B, m, m)``, computed in float64, in ``H``'s dtype."""
     if not _compiled(H):
         return spectral._condition_numbers_torch(H)
-    return library.condition_numbers(H.to(torch.float64)).to(H.dtype)
+    return library.call("condition_numbers", H.device, H.to(torch.float64)).to(H.dtype)
 
 
 def airm_sq_to_mean(H: Tensor) -> Tensor:
     """``(B,)`` squared AIRM distances of ``H (B, m, m)`` to its mean, in float64, in ``H``'s dtype."""
     if not _compiled(H):
         return spectral._airm_sq_to_mean_torch(H)
-    return library.airm_sq_to_mean(H.to(torch.float64)).to(H.dtype)
+    return library.call("airm_sq_to_mean", H.device, H.to(torch.float64)).to(H.dtype)

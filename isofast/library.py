@@ -23,12 +23,17 @@ Custom-op outputs may alias neither inputs nor each other, so the MLP ops hand b
 CPU Hutchinson's ``saved[3L]`` (the same tensor as ``saved[3L - 1]``); the backend methods put them
 back. Backward ops return the bias gradients of the biased layers only (no ``None`` outputs).
 ``saved`` is backend-specific: the fake implementations read the device to size it.
+
+:func:`call` runs an op: through the dispatcher while torch.compile traces, and its kernel for the
+tensors' device directly in eager mode, where the dispatcher costs more than noise (measured on
+the paper decoder 2-256x4-784 at batch 100, forward and backward, one thread: about 0.45 ms of
+11 ms, 4%).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -58,10 +63,31 @@ def bias_grads(out: tuple[Tensor, list[Tensor], list[Tensor]], has_bias: Sequenc
     return grad_z, list(grad_w), [next(it) if hb else None for hb in has_bias]
 
 
+#: op name -> device type -> kernel: what :func:`call` runs in eager mode.
+_KERNELS: dict[str, dict[str, Callable[..., Any]]] = {}
+
+
+def _define(name: str, kernels: dict[str, Callable[..., Any]]) -> None:
+    """Register ``isofast::<name>`` with one kernel per device type (the schema from the first's
+    annotations)."""
+    (device, first), *rest = kernels.items()
+    op = custom_op(f"isofast::{name}", first, mutates_args=(), device_types=device)
+    for device, kernel in rest:
+        op.register_kernel(device, kernel)
+    _KERNELS[name] = kernels
+
+
+def call(name: str, device: torch.device, *args: Any) -> Any:
+    """Op ``isofast::<name>`` on tensors on ``device``: the custom op while torch.compile traces
+    (an opaque node with its fake implementation), else its kernel for ``device`` directly."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.isofast, name)(*args)
+    return _KERNELS[name][device.type](*args)
+
+
 # --- mlp_pullback ------------------------------------------------------------------------------
 
-@custom_op("isofast::mlp_pullback_forward", mutates_args=(), device_types="cpu")
-def mlp_pullback_forward(
+def _mlp_pullback_forward_cpu(
     z: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
     codes: list[int], coefs: list[float], thresholds: list[float], data_weight: Optional[Tensor] = None,
 ) -> tuple[Tensor, list[Tensor]]:
@@ -69,11 +95,14 @@ def mlp_pullback_forward(
     return h, list(saved[1:])
 
 
-@mlp_pullback_forward.register_kernel("cuda")
-def _(z, weights, biases, codes, coefs, thresholds, data_weight=None):
+def _mlp_pullback_forward_cuda(z, weights, biases, codes, coefs, thresholds, data_weight=None):
     from isofast.backends.cuda_backend import pullback_forward
 
     return pullback_forward(z, weights, biases, codes, coefs, thresholds, data_weight)
+
+
+_define("mlp_pullback_forward",
+        {"cpu": _mlp_pullback_forward_cpu, "cuda": _mlp_pullback_forward_cuda})
 
 
 @register_fake("isofast::mlp_pullback_forward")
@@ -89,8 +118,7 @@ def _(z, weights, biases, codes, coefs, thresholds, data_weight=None):
     return z.new_empty(B, m, m), saved
 
 
-@custom_op("isofast::mlp_pullback_backward", mutates_args=(), device_types="cpu")
-def mlp_pullback_backward(
+def _mlp_pullback_backward_cpu(
     grad_h: Tensor, weights: list[Tensor], has_bias: list[bool],
     codes: list[int], coefs: list[float], thresholds: list[float], saved: list[Tensor],
     data_weight: Optional[Tensor] = None,
@@ -100,12 +128,15 @@ def mlp_pullback_backward(
     return gz, list(gw), _biased(gb, has_bias)
 
 
-@mlp_pullback_backward.register_kernel("cuda")
-def _(grad_h, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
+def _mlp_pullback_backward_cuda(grad_h, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
     from isofast.backends.cuda_backend import pullback_backward
 
     gz, gw, gb = pullback_backward(grad_h, weights, has_bias, codes, coefs, thresholds, saved, data_weight)
     return gz, gw, _biased(gb, has_bias)
+
+
+_define("mlp_pullback_backward",
+        {"cpu": _mlp_pullback_backward_cpu, "cuda": _mlp_pullback_backward_cuda})
 
 
 def _grads_fake(bsz: int, weights: Sequence[Tensor], has_bias: Sequence[bool]):
@@ -121,8 +152,7 @@ def _(grad_h, weights, has_bias, codes, coefs, thresholds, saved, data_weight=No
 
 # --- mlp_hutchinson ----------------------------------------------------------------------------
 
-@custom_op("isofast::mlp_hutchinson_forward", mutates_args=(), device_types="cpu")
-def mlp_hutchinson_forward(
+def _mlp_hutchinson_forward_cpu(
     z: Tensor, probes: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
     codes: list[int], coefs: list[float], thresholds: list[float], data_weight: Optional[Tensor] = None,
 ) -> tuple[Tensor, list[Tensor]]:
@@ -130,6 +160,9 @@ def mlp_hutchinson_forward(
                                                      data_weight)
     n = 3 * len(weights)
     return stats, [*saved[:n], saved[n + 1]]
+
+
+_define("mlp_hutchinson_forward", {"cpu": _mlp_hutchinson_forward_cpu})
 
 
 @register_fake("isofast::mlp_hutchinson_forward")
@@ -147,8 +180,7 @@ def _(z, probes, weights, biases, codes, coefs, thresholds, data_weight=None):
     return z.new_empty(B, K, 2), saved
 
 
-@custom_op("isofast::mlp_hutchinson_backward", mutates_args=(), device_types="cpu")
-def mlp_hutchinson_backward(
+def _mlp_hutchinson_backward_cpu(
     grad_stats: Tensor, weights: list[Tensor], has_bias: list[bool],
     codes: list[int], coefs: list[float], thresholds: list[float], saved: list[Tensor],
     data_weight: Optional[Tensor] = None,
@@ -158,6 +190,9 @@ def mlp_hutchinson_backward(
     return gz, list(gw), _biased(gb, has_bias)
 
 
+_define("mlp_hutchinson_backward", {"cpu": _mlp_hutchinson_backward_cpu})
+
+
 @register_fake("isofast::mlp_hutchinson_backward")
 def _(grad_stats, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
     return _grads_fake(grad_stats.shape[0], weights, has_bias)
@@ -165,9 +200,11 @@ def _(grad_stats, weights, has_bias, codes, coefs, thresholds, saved, data_weigh
 
 # --- tangent_gram, tangent_sqnorm --------------------------------------------------------------
 
-@custom_op("isofast::tangent_gram", mutates_args=(), device_types="cuda")
-def tangent_gram(x: Tensor) -> Tensor:
+def _tangent_gram_cuda(x: Tensor) -> Tensor:
     return _ext.get().cuda_gram(x)
+
+
+_define("tangent_gram", {"cuda": _tangent_gram_cuda})
 
 
 @register_fake("isofast::tangent_gram")
@@ -175,9 +212,11 @@ def _(x):
     return x.new_empty(x.shape[0], x.shape[1], x.shape[1])
 
 
-@custom_op("isofast::tangent_sqnorm", mutates_args=(), device_types="cuda")
-def tangent_sqnorm(x: Tensor) -> Tensor:
+def _tangent_sqnorm_cuda(x: Tensor) -> Tensor:
     return _ext.get().cuda_sqnorm(x)
+
+
+_define("tangent_sqnorm", {"cuda": _tangent_sqnorm_cuda})
 
 
 @register_fake("isofast::tangent_sqnorm")
@@ -187,14 +226,15 @@ def _(x):
 
 # --- spectral ops: the extension's CPU functions are ``name``, its CUDA ones ``cuda_<name>`` ---
 
-@custom_op("isofast::eigvalsh", mutates_args=(), device_types="cpu")
-def eigvalsh(H: Tensor) -> Tensor:
+def _eigvalsh_cpu(H: Tensor) -> Tensor:
     return _ext.get().eigvalsh(H)
 
 
-@eigvalsh.register_kernel("cuda")
-def _(H):
+def _eigvalsh_cuda(H: Tensor) -> Tensor:
     return _ext.get().cuda_eigvalsh(H)
+
+
+_define("eigvalsh", {"cpu": _eigvalsh_cpu, "cuda": _eigvalsh_cuda})
 
 
 @register_fake("isofast::eigvalsh")
@@ -202,16 +242,17 @@ def _(H):
     return H.new_empty(H.shape[0], H.shape[1])
 
 
-@custom_op("isofast::logdet", mutates_args=(), device_types="cpu")
-def logdet(H: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
+def _logdet_cpu(H: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
     out, grad = _ext.get().logdet(H, with_grad)
     return out, H.new_empty(0) if grad is None else grad  # a custom op returns no None
 
 
-@logdet.register_kernel("cuda")
-def _(H, with_grad):
+def _logdet_cuda(H: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
     out, grad = _ext.get().cuda_logdet(H, with_grad)
     return out, H.new_empty(0) if grad is None else grad
+
+
+_define("logdet", {"cpu": _logdet_cpu, "cuda": _logdet_cuda})
 
 
 @register_fake("isofast::logdet")
@@ -219,14 +260,15 @@ def _(H, with_grad):
     return H.new_empty(H.shape[0]), H.new_empty(H.shape if with_grad else (0,))
 
 
-@custom_op("isofast::condition_numbers", mutates_args=(), device_types="cpu")
-def condition_numbers(H: Tensor) -> Tensor:
+def _condition_numbers_cpu(H: Tensor) -> Tensor:
     return _ext.get().condition_numbers(H)
 
 
-@condition_numbers.register_kernel("cuda")
-def _(H):
+def _condition_numbers_cuda(H: Tensor) -> Tensor:
     return _ext.get().cuda_condition_numbers(H)
+
+
+_define("condition_numbers", {"cpu": _condition_numbers_cpu, "cuda": _condition_numbers_cuda})
 
 
 @register_fake("isofast::condition_numbers")
@@ -234,14 +276,15 @@ def _(H):
     return H.new_empty(H.shape[0])
 
 
-@custom_op("isofast::airm_sq_to_mean", mutates_args=(), device_types="cpu")
-def airm_sq_to_mean(H: Tensor) -> Tensor:
+def _airm_sq_to_mean_cpu(H: Tensor) -> Tensor:
     return _ext.get().airm_sq_to_mean(H)
 
 
-@airm_sq_to_mean.register_kernel("cuda")
-def _(H):
+def _airm_sq_to_mean_cuda(H: Tensor) -> Tensor:
     return _ext.get().cuda_airm_sq_to_mean(H)
+
+
+_define("airm_sq_to_mean", {"cpu": _airm_sq_to_mean_cpu, "cuda": _airm_sq_to_mean_cuda})
 
 
 @register_fake("isofast::airm_sq_to_mean")

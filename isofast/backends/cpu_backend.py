@@ -41,23 +41,24 @@ class CpuBackend(Backend):
         return _ext.build()
 
     def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
-        h, saved = library.mlp_pullback_forward(z, list(weights), list(biases), *act_args(acts), data_weight)
+        h, saved = library.call("mlp_pullback_forward", z.device, z, list(weights), list(biases), *act_args(acts),
+                                data_weight)
         return h, (z, *saved)  # the op leaves out z, an input (custom-op outputs alias none)
 
     def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
-        out = library.mlp_pullback_backward(grad_h, list(weights), list(has_bias), *act_args(acts),
-                                                      list(saved), data_weight)
+        out = library.call("mlp_pullback_backward", grad_h.device, grad_h, list(weights), list(has_bias),
+                           *act_args(acts), list(saved), data_weight)
         return bias_grads(out, has_bias)
 
     def mlp_hutchinson_forward(self, z, probes, weights, biases, acts, data_weight=None):  # type: ignore[override]
-        stats, saved = library.mlp_hutchinson_forward(z, probes, list(weights), list(biases),
-                                                                *act_args(acts), data_weight)
+        stats, saved = library.call("mlp_hutchinson_forward", z.device, z, probes, list(weights), list(biases),
+                                    *act_args(acts), data_weight)
         n = 3 * len(weights)
         return stats, (*saved[:n], saved[n - 1], saved[n])  # the op leaves out the alias saved[n - 1]
 
     def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
-        out = library.mlp_hutchinson_backward(grad_stats, list(weights), list(has_bias), *act_args(acts),
-                                                        list(saved), data_weight)
+        out = library.call("mlp_hutchinson_backward", grad_stats.device, grad_stats, list(weights), list(has_bias),
+                           *act_args(acts), list(saved), data_weight)
         return bias_grads(out, has_bias)
 
     eigvalsh = staticmethod(_spectral_ext.eigvalsh)

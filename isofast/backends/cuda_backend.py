@@ -116,24 +116,25 @@ class CudaBackend(Backend):
 
     def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
         self.refuse_data_weight(data_weight)
-        h, saved = library.mlp_pullback_forward(z, list(weights), list(biases), *act_args(acts), None)
+        h, saved = library.call("mlp_pullback_forward", z.device, z, list(weights), list(biases), *act_args(acts),
+                                None)
         return h, tuple(saved)
 
     def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         self.refuse_data_weight(data_weight)
-        out = library.mlp_pullback_backward(grad_h, list(weights), list(has_bias), *act_args(acts),
-                                                      list(saved), None)
+        out = library.call("mlp_pullback_backward", grad_h.device, grad_h, list(weights), list(has_bias),
+                           *act_args(acts), list(saved), None)
         return bias_grads(out, has_bias)
 
     @staticmethod
     def tangent_gram(x: torch.Tensor) -> torch.Tensor:
         """``G[b] = x[b] x[b]^T`` for tangent images ``x (B, K, D)`` (float32/float64, CUDA)."""
-        return library.tangent_gram(x)
+        return library.call("tangent_gram", x.device, x)
 
     @staticmethod
     def tangent_sqnorm(x: torch.Tensor) -> torch.Tensor:
         """``||x[b, k]||^2`` for ``x (B, K, D)`` (float32/float64, CUDA)."""
-        return library.tangent_sqnorm(x)
+        return library.call("tangent_sqnorm", x.device, x)
 
     eigvalsh = staticmethod(_spectral_ext.eigvalsh)
     logdet = staticmethod(_spectral_ext.logdet)
