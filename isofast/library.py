@@ -118,14 +118,25 @@ def _(z, weights, biases, codes, coefs, thresholds, data_weight=None):
     return z.new_empty(B, m, m), saved
 
 
-def _mlp_pullback_backward_cpu(
-    grad_h: Tensor, weights: list[Tensor], has_bias: list[bool],
-    codes: list[int], coefs: list[float], thresholds: list[float], saved: list[Tensor],
-    data_weight: Optional[Tensor] = None,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    gz, gw, gb = _ext.get().mlp_pullback_backward(grad_h, weights, has_bias, codes, coefs, thresholds, saved,
-                                                  data_weight)
-    return gz, list(gw), _biased(gb, has_bias)
+def _cpu_backward(name: str) -> Callable[..., tuple[Tensor, list[Tensor], list[Tensor]]]:
+    """The CPU kernel of the backward op ``isofast::<name>``: the extension's function of that name."""
+
+    def kernel(
+        grad: Tensor, weights: list[Tensor], has_bias: list[bool],
+        codes: list[int], coefs: list[float], thresholds: list[float], saved: list[Tensor],
+        data_weight: Optional[Tensor] = None,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        gz, gw, gb = getattr(_ext.get(), name)(grad, weights, has_bias, codes, coefs, thresholds, saved, data_weight)
+        return gz, list(gw), _biased(gb, has_bias)
+
+    return kernel
+
+
+def _backward_fake(grad, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
+    """Fake of both backward ops: ``grad_z (B, m)``, the weights' and the biased layers' gradients."""
+    w0 = weights[0]
+    return (w0.new_empty(grad.shape[0], w0.shape[1]), [w.new_empty(w.shape) for w in weights],
+            [w.new_empty(w.shape[0]) for w, hb in zip(weights, has_bias) if hb])
 
 
 def _mlp_pullback_backward_cuda(grad_h, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
@@ -136,18 +147,8 @@ def _mlp_pullback_backward_cuda(grad_h, weights, has_bias, codes, coefs, thresho
 
 
 _define("mlp_pullback_backward",
-        {"cpu": _mlp_pullback_backward_cpu, "cuda": _mlp_pullback_backward_cuda})
-
-
-def _grads_fake(bsz: int, weights: Sequence[Tensor], has_bias: Sequence[bool]):
-    w0 = weights[0]
-    return (w0.new_empty(bsz, w0.shape[1]), [w.new_empty(w.shape) for w in weights],
-            [w.new_empty(w.shape[0]) for w, hb in zip(weights, has_bias) if hb])
-
-
-@register_fake("isofast::mlp_pullback_backward")
-def _(grad_h, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
-    return _grads_fake(grad_h.shape[0], weights, has_bias)
+        {"cpu": _cpu_backward("mlp_pullback_backward"), "cuda": _mlp_pullback_backward_cuda})
+register_fake("isofast::mlp_pullback_backward", _backward_fake)
 
 
 # --- mlp_hutchinson ----------------------------------------------------------------------------
@@ -180,22 +181,8 @@ def _(z, probes, weights, biases, codes, coefs, thresholds, data_weight=None):
     return z.new_empty(B, K, 2), saved
 
 
-def _mlp_hutchinson_backward_cpu(
-    grad_stats: Tensor, weights: list[Tensor], has_bias: list[bool],
-    codes: list[int], coefs: list[float], thresholds: list[float], saved: list[Tensor],
-    data_weight: Optional[Tensor] = None,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    gz, gw, gb = _ext.get().mlp_hutchinson_backward(grad_stats, weights, has_bias, codes, coefs, thresholds, saved,
-                                                    data_weight)
-    return gz, list(gw), _biased(gb, has_bias)
-
-
-_define("mlp_hutchinson_backward", {"cpu": _mlp_hutchinson_backward_cpu})
-
-
-@register_fake("isofast::mlp_hutchinson_backward")
-def _(grad_stats, weights, has_bias, codes, coefs, thresholds, saved, data_weight=None):
-    return _grads_fake(grad_stats.shape[0], weights, has_bias)
+_define("mlp_hutchinson_backward", {"cpu": _cpu_backward("mlp_hutchinson_backward")})
+register_fake("isofast::mlp_hutchinson_backward", _backward_fake)
 
 
 # --- tangent_gram, tangent_sqnorm --------------------------------------------------------------
@@ -226,20 +213,22 @@ def _(x):
 
 # --- spectral ops: the extension's CPU functions are ``name``, its CUDA ones ``cuda_<name>`` ---
 
-def _eigvalsh_cpu(H: Tensor) -> Tensor:
-    return _ext.get().eigvalsh(H)
+def _define_spectral(name: str, out_shape: Callable[[Tensor], tuple[int, ...]]) -> None:
+    """``isofast::<name>``: ``H (B, m, m)`` -> a tensor of ``out_shape(H)`` in ``H``'s dtype."""
+
+    def cpu(H: Tensor) -> Tensor:
+        return getattr(_ext.get(), name)(H)
+
+    def cuda(H: Tensor) -> Tensor:
+        return getattr(_ext.get(), f"cuda_{name}")(H)
+
+    _define(name, {"cpu": cpu, "cuda": cuda})
+    register_fake(f"isofast::{name}", lambda H: H.new_empty(out_shape(H)))
 
 
-def _eigvalsh_cuda(H: Tensor) -> Tensor:
-    return _ext.get().cuda_eigvalsh(H)
-
-
-_define("eigvalsh", {"cpu": _eigvalsh_cpu, "cuda": _eigvalsh_cuda})
-
-
-@register_fake("isofast::eigvalsh")
-def _(H):
-    return H.new_empty(H.shape[0], H.shape[1])
+_define_spectral("eigvalsh", lambda H: (H.shape[0], H.shape[1]))
+_define_spectral("condition_numbers", lambda H: (H.shape[0],))
+_define_spectral("airm_sq_to_mean", lambda H: (H.shape[0],))
 
 
 def _logdet_cpu(H: Tensor, with_grad: bool) -> tuple[Tensor, Tensor]:
@@ -258,35 +247,3 @@ _define("logdet", {"cpu": _logdet_cpu, "cuda": _logdet_cuda})
 @register_fake("isofast::logdet")
 def _(H, with_grad):
     return H.new_empty(H.shape[0]), H.new_empty(H.shape if with_grad else (0,))
-
-
-def _condition_numbers_cpu(H: Tensor) -> Tensor:
-    return _ext.get().condition_numbers(H)
-
-
-def _condition_numbers_cuda(H: Tensor) -> Tensor:
-    return _ext.get().cuda_condition_numbers(H)
-
-
-_define("condition_numbers", {"cpu": _condition_numbers_cpu, "cuda": _condition_numbers_cuda})
-
-
-@register_fake("isofast::condition_numbers")
-def _(H):
-    return H.new_empty(H.shape[0])
-
-
-def _airm_sq_to_mean_cpu(H: Tensor) -> Tensor:
-    return _ext.get().airm_sq_to_mean(H)
-
-
-def _airm_sq_to_mean_cuda(H: Tensor) -> Tensor:
-    return _ext.get().cuda_airm_sq_to_mean(H)
-
-
-_define("airm_sq_to_mean", {"cpu": _airm_sq_to_mean_cpu, "cuda": _airm_sq_to_mean_cuda})
-
-
-@register_fake("isofast::airm_sq_to_mean")
-def _(H):
-    return H.new_empty(H.shape[0])
