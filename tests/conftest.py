@@ -107,19 +107,24 @@ def pullback_brute_force(
     return j.transpose(1, 2) @ (j if data_weight is None else data_weight[:, None] * j)
 
 
+def require_backend(name: str):
+    """Backend ``name``, or skip the test where it cannot run here (fail instead when
+    ``ISOFAST_REQUIRE_EXT`` is set: CI, where a missing or broken build is an error)."""
+    from isofast import backends
+
+    ok, why = backends.status(name)
+    if not ok:
+        if os.environ.get("ISOFAST_REQUIRE_EXT"):
+            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the {name} backend is unavailable: {why}")
+        pytest.skip(f"{name} backend unavailable: {why}")
+    return backends.get(name)
+
+
 @pytest.fixture(params=["torch", "cpu"])
 def data_metric_backend(request: pytest.FixtureRequest):
     """Each backend with a diagonal data-space metric (``data_weight``) that runs CPU float64
-    tensors: the torch twin and the cpu extension (skipped when not built, failed instead when
-    ``ISOFAST_REQUIRE_EXT`` is set)."""
-    from isofast import backends
-
-    ok, why = backends.status(request.param)
-    if not ok:
-        if os.environ.get("ISOFAST_REQUIRE_EXT"):
-            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the {request.param} backend is unavailable: {why}")
-        pytest.skip(f"{request.param} backend unavailable: {why}")
-    backend = backends.get(request.param)
+    tensors: the torch twin and the cpu extension (see :func:`require_backend`)."""
+    backend = require_backend(request.param)
     assert backend.diagonal_data_metric, f"the {request.param} backend lacks the diagonal data-space metric"
     return backend
 

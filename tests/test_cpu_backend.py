@@ -7,11 +7,11 @@ missing or broken build FAILS these tests.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, positive_weight, pullback_brute_force
+from conftest import (
+    ACTIVATIONS, GRAD_RTOL, RTOL, make_mlp, positive_weight, pullback_brute_force, require_backend,
+)
 
 import isofast
 from isofast import _ext, backends
@@ -23,12 +23,7 @@ from isofast.ops import mlp_hutchinson, mlp_pullback
 
 @pytest.fixture(autouse=True)
 def cpu_ext():
-    ok, why = backends.status("cpu")
-    if not ok:
-        if os.environ.get("ISOFAST_REQUIRE_EXT"):
-            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the cpu backend is unavailable: {why}")
-        pytest.skip(f"compiled extension not built: {why}")
-    return backends.get("cpu")
+    return require_backend("cpu")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:

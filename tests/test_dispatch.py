@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_mlp
+from conftest import make_mlp, require_backend
 from torch import nn
 
 import isofast
@@ -89,9 +89,7 @@ def test_plan_reports_every_op_it_runs() -> None:
 
 
 def test_plan_reports_the_cpu_backend() -> None:
-    ok, why = backends.status("cpu")
-    if not ok:
-        pytest.skip(f"compiled extension not built: {why}")
+    require_backend("cpu")
     dec = make_mlp([2, 6, 5], act="tanh", seed=1)
     z = torch.randn(4, 2, dtype=torch.float64)
     assert isofast.plan(dec, z, measure="volume").reasons["ops"] == (

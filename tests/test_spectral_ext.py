@@ -6,22 +6,18 @@ Skipped when the extension is not built, unless ``ISOFAST_REQUIRE_EXT`` is set (
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import require_backend
 
 from isofast import _ext, backends, dispatch, spectral
 
 
 @pytest.fixture(autouse=True)
 def ext():
-    module, why = _ext.load()
-    if module is None:
-        if os.environ.get("ISOFAST_REQUIRE_EXT"):
-            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the compiled extension is unavailable: {why}")
-        pytest.skip(f"compiled extension not built: {why}")
-    return module
+    require_backend("cpu")  # the compiled extension, loaded
+    return _ext.get()
 
 
 def spd(b: int, m: int, cond: float = 10.0, dtype=torch.float64, seed: int = 0, repeated: bool = False):

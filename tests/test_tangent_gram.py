@@ -3,11 +3,9 @@ the cuda backend's kernels against the torch path (values, gradients, the generi
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import RTOL, ConvDecoder
+from conftest import RTOL, ConvDecoder, require_backend
 from torch.autograd import gradcheck, gradgradcheck
 
 import isofast
@@ -18,14 +16,6 @@ from isofast.ops import tangent_gram, tangent_sqnorm
 def _images(*shape: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
     torch.manual_seed(0)
     return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
-
-
-def _require_cuda_backend() -> None:
-    ok, why = backends.status("cuda")
-    if not ok:
-        if os.environ.get("ISOFAST_REQUIRE_EXT"):
-            pytest.fail(f"cuda backend unavailable: {why}")
-        pytest.skip(why)
 
 
 # --- CPU: the torch path -----------------------------------------------------------------------
@@ -87,7 +77,7 @@ def test_plan_reports_torch_reductions_on_cpu() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("op", [tangent_gram, tangent_sqnorm])
 def test_cuda_kernels_match_torch_path(op, dtype: torch.dtype) -> None:
-    _require_cuda_backend()
+    require_backend("cuda")
     assert _reducer(op.__name__, "cuda") == "cuda"
     # D = 1000 spans several blocks of the reduction; a transposed view exercises non-contiguous input.
     for x in (_images(6, 5, 1000, dtype=dtype, device="cuda"),
@@ -106,7 +96,7 @@ def test_cuda_kernels_match_torch_path(op, dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
 def test_generic_path_on_cuda_matches_torch_path(estimator: str) -> None:
-    _require_cuda_backend()
+    require_backend("cuda")
     dec = ConvDecoder().cuda()
     z = torch.randn(6, 2, dtype=torch.float64, device="cuda", requires_grad=True)
     probes = torch.randn(6, 3, 2, dtype=torch.float64, device="cuda") if estimator == "hutchinson" else None
