@@ -312,7 +312,7 @@ def plan(
     distribution, dist_why = _probe_distribution(chosen, k, m, probes is not None)
     est_why = f"{est_why}; {dist_why}" if dist_why else est_why
     if spec is None:
-        p = _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution)
+        p = _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution, geo)
         if refusal is not None and refusal not in p.reasons["path"]:
             p.reasons["path"] += f"; not the fused MLP path: {refusal}"
         if geo:
@@ -362,7 +362,7 @@ def _shapes(z: Tensor, estimator: str, k: int | None) -> str:
 
 
 def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measure: str | None, path_why: str,
-                  est_why: str, autocast: torch.dtype | None, distribution: str | None) -> Plan:
+                  est_why: str, autocast: torch.dtype | None, distribution: str | None, geo: Geometry) -> Plan:
     from isofast import forward_ad_fixes, train_mode
 
     forced = backends.forced()
@@ -385,7 +385,7 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
                     {"path": f"fused_sequential: {path_why}",
                      "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
                      "estimator": est_why, "shapes": _shapes(z, chosen, k), "precision": prec_why,
-                     "ops": _generic_ops(z, chosen, measure)},
+                     "ops": _generic_ops(z, chosen, measure, geo)},
                     precision, tuple(z.shape[1:]), seq, probe_distribution=distribution)
     reasons = {
         "path": f"generic: {path_why}",
@@ -393,7 +393,7 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
                    "its Gram/trace reductions run as reasons['ops'] says",
         "estimator": est_why,
         "shapes": _shapes(z, chosen, k),
-        "ops": _generic_ops(z, chosen, measure),
+        "ops": _generic_ops(z, chosen, measure, geo),
         "operators": f"during the tangent pass: {forward_ad_fixes.DESCRIPTION}",
         "precision": f"{prec_why}; tangent images divided by a detached batch scale, then Grams and traces in "
                      f"{torch.finfo(acc_dtype(z.dtype)).dtype} with autocast off",
@@ -412,14 +412,15 @@ def _spectral_ops(measure: str | None, estimator: str, z: Tensor) -> list[dispat
     return [dispatch.select("logdet", z.device, acc_dtype(z.dtype))]
 
 
-def _generic_ops(z: Tensor, estimator: str, measure: str | None) -> str:
+def _generic_ops(z: Tensor, estimator: str, measure: str | None, geo: Geometry) -> str:
     """``reasons["ops"]`` of the generic and stream paths: their reductions of the tangent images
-    (in the accumulation dtype) and any spectral op. A product-form data metric reduces the images
-    with ``a (G a)^T`` instead; the ops named are those of the other metrics."""
-    if measure in PATH_MEASURES:
-        names = ["tangent_sqnorm"] if estimator == "hutchinson" else []
+    (in the accumulation dtype; :mod:`isofast.generic`) and any spectral op."""
+    if estimator == "hutchinson":
+        names = ["tangent_sqnorm"]  # the norms of J^T J v, and of J v but under a product-form metric
+    elif measure in PATH_MEASURES or (geo.data is not None and geo.data.kind == "product"):
+        names = []  # a matrix product with the noise, or the Grams a (G a)^T
     else:
-        names = ["tangent_sqnorm"] if estimator == "hutchinson" else ["tangent_gram"]
+        names = ["tangent_gram"]
     acc = acc_dtype(z.dtype)
     ops = [dispatch.select(name, z.device, acc) for name in names] + _spectral_ops(measure, estimator, z)
-    return dispatch.describe(ops) if ops else "none of the registered ops (the path length is one matrix product)"
+    return dispatch.describe(ops) if ops else "none of the registered ops"

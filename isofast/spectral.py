@@ -2,9 +2,9 @@
 
 Every public op takes a batch ``H`` of shape ``(B, m, m)`` (for example pullback metrics
 ``H(z) = J(z)^T J(z)``), validates it, and then runs the implementation :mod:`isofast.dispatch`
-selects for the op (the torch references below are the torch backend's). Only the lower triangle of the symmetric part ``(H + H^T) / 2`` matters;
-the reference implementations symmetrise explicitly so that gradients are symmetric and rounding
-asymmetry in ``J^T J`` is harmless.
+selects for the op (the torch references below are the torch backend's). Only the lower triangle
+of the symmetric part ``(H + H^T) / 2`` matters; the reference implementations symmetrise
+explicitly so that gradients are symmetric and rounding asymmetry in ``J^T J`` is harmless.
 
 Precision:
 

@@ -83,6 +83,9 @@ def test_plan_reports_every_op_it_runs() -> None:
     plain = lambda v: torch.tanh(v @ torch.ones(2, 5, dtype=v.dtype))  # noqa: E731 - a plain callable: generic path
     assert _ops(plain, z) == "tangent_gram: torch (PyTorch)"
     assert _ops(plain, z, estimator="hutchinson", n_probes=1) == "tangent_sqnorm: torch (PyTorch)"
+    assert _ops(plain, z, data_metric=lambda x, w: 2 * w) == "none of the registered ops"  # Grams a (G a)^T
+    assert _ops(plain, z, measure="path_length") == "none of the registered ops"
+    assert _ops(plain, z, measure="path_length", estimator="hutchinson") == "tangent_sqnorm: torch (PyTorch)"
     conv = nn.Sequential(nn.Linear(2, 12), nn.Unflatten(1, (3, 4)), nn.Conv1d(3, 2, 3)).double()
     p = isofast.plan(conv, z)
     assert p.path == "fused_sequential" and p.reasons["ops"].startswith("tangent_gram: ")

@@ -67,8 +67,8 @@ class MLPPullback(torch.autograd.Function):
 
 def mlp_pullback(backend: Backend, spec: MLPSpec, z: Tensor, data_weight: Tensor | None = None) -> Tensor:
     """Exact ``H (B, m, m) = J^T diag(w) J`` of the MLP ``spec`` at codes ``z (B, m)`` (``J^T J`` when
-    ``data_weight`` is ``None``), on ``backend``'s implementation or its declared fallback; differentiable in ``z`` and the parameters through a hand-written
-    backward (no double backward). ``data_weight``: ``w (D,)``, ``z``'s dtype and device, positive
+    ``data_weight`` is ``None``), on ``backend``'s implementation or its declared fallback;
+    differentiable in ``z`` and the parameters through a hand-written backward (no double backward). ``data_weight``: ``w (D,)``, ``z``'s dtype and device, positive
     and finite, treated as a constant (no gradient); only backends with ``diagonal_data_metric``."""
     impl = dispatch.resolve("mlp_pullback", backend, z.device, z.dtype).impl
     return MLPPullback.apply(impl, spec.activations, z, check_data_weight(backend, spec, data_weight), *spec.params())
