@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_mlp, require_backend
+from conftest import make_mlp
 from torch import nn
 
 import isofast
@@ -91,8 +91,7 @@ def test_plan_reports_every_op_it_runs() -> None:
     assert p.path == "fused_sequential" and p.reasons["ops"].startswith("tangent_gram: ")
 
 
-def test_plan_reports_the_cpu_backend() -> None:
-    require_backend("cpu")
+def test_plan_reports_the_cpu_backend(cpu_ext) -> None:  # noqa: ANN001
     dec = make_mlp([2, 6, 5], act="tanh", seed=1)
     z = torch.randn(4, 2, dtype=torch.float64)
     assert isofast.plan(dec, z, measure="volume").reasons["ops"] == (
@@ -101,3 +100,15 @@ def test_plan_reports_the_cpu_backend() -> None:
     assert isofast.plan(plain, z).reasons["ops"] == (
         "tangent_gram: torch (PyTorch, declared fallback of cpu: no CPU reduction kernel: one batched GEMM is the "
         "reduction)")
+
+
+def test_auto_selects_cpu_backend(cpu_ext) -> None:  # noqa: ANN001
+    dec = make_mlp([2, 4, 3], dtype=torch.float32)
+    p = isofast.plan(dec, torch.randn(3, 2))
+    assert p.backend == "cpu", str(p)
+
+
+def test_cpu_backend_supports_cpu_tensors_only(cpu_ext) -> None:  # noqa: ANN001
+    assert cpu_ext.supports(torch.device("cpu"))[0]
+    ok, why = cpu_ext.supports(torch.device("cuda"))
+    assert not ok and "CPU tensors only" in why

@@ -123,3 +123,17 @@ def test_bad_input_errors_from_cpp(ext):
         ext.logdet(torch.ones(2, 3, 3, dtype=torch.int64), False)
     with pytest.raises(RuntimeError, match="H must have shape"):
         ext.airm_sq_to_mean(torch.randn(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_custom_ops_opcheck(dtype):
+    """The spectral ops ``isofast::eigvalsh``, ``logdet``, ``condition_numbers`` and
+    ``airm_sq_to_mean`` pass torch.library.opcheck on their CPU kernels."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, 4, generator=gen, dtype=dtype)
+    H = a @ a.transpose(1, 2) + torch.eye(4, dtype=dtype)
+    ops = torch.ops.isofast
+    for op in (ops.eigvalsh, ops.condition_numbers, ops.airm_sq_to_mean):
+        torch.library.opcheck(op, (H,))
+    for with_grad in (True, False):
+        torch.library.opcheck(ops.logdet, (H, with_grad))
