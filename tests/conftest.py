@@ -159,6 +159,29 @@ def triton_case(act: str, widths: list[int], batch: int, k: int = 0, seed: int =
     return dec64, dec32, z64, v64
 
 
+def assert_fp32_grads_close(out: torch.Tensor, ref: torch.Tensor, twin: torch.Tensor, at32: tuple, at64: tuple,
+                            seed: int) -> None:
+    """Gradients of a float32 op's ``out`` (of the decoder ``dec32`` at ``z32``, ``at32 = (z32,
+    dec32)``) within ``GRAD_RTOL[float32]`` of the float64 reference ``ref`` (``at64 = (z64, dec64)``)
+    and of the float32 torch twin's ``twin``, for one seeded random cotangent."""
+    (z32, dec32), (z64, dec64) = at32, at64
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.device)
+    got = grads(out, weight.float(), [z32, *dec32.parameters()])
+    want = grads(ref, weight, [z64, *dec64.parameters()])
+    want_twin = grads(twin, weight.float(), [z32, *dec32.parameters()])
+    for g, w, t in zip(got, want, want_twin):
+        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
+        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
+
+
+def value_and_grads(out: torch.Tensor, params: list[torch.Tensor | None], seed: int = 1) -> list[torch.Tensor]:
+    """``[out, *gradients of sum(out * c)]`` for a seeded random cotangent ``c``, over the given
+    ``params`` (``None`` entries, e.g. absent biases, skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    return [out, *torch.autograd.grad((out * c).sum(), [p for p in params if p is not None])]
+
+
 def opcheck_mlp(widths: list[int], dtype: torch.dtype):
     """The fused ops' custom-op arguments for a softplus MLP of ``widths`` whose second layer has no
     bias: ``(spec, weights, biases, has_bias, (codes, coefs, thresholds), generator)``."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_run_close, grads, make_mlp, opcheck_mlp,
-    positive_weight, rel_err, stats_brute_force, triton_case,
+    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_fp32_grads_close, assert_run_close, grads,
+    make_mlp, opcheck_mlp, positive_weight, rel_err, stats_brute_force, triton_case, value_and_grads,
 )
 
 import isofast
@@ -112,13 +112,9 @@ def test_unit_data_weight_equals_none(data_metric_backend) -> None:
 
 # --- cpu backend (the C++ extension) against the twin, gradcheck and the official estimator -------
 
-def _cpu_run(backend, spec, z, probes, seed=1, data_weight=None):
+def _cpu_run(backend, spec, z, probes, data_weight=None):
     """The statistics and their gradients (z and every parameter) for a random output cotangent."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [z] + [p for p in spec.params() if p is not None]
-    st = mlp_hutchinson(backend, spec, z, probes, data_weight=data_weight)
-    gs = torch.randn(st.shape, generator=gen, dtype=st.dtype)
-    return [st, *torch.autograd.grad((st * gs).sum(), params)]
+    return value_and_grads(mlp_hutchinson(backend, spec, z, probes, data_weight=data_weight), [z, *spec.params()])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -247,13 +243,7 @@ def test_triton_stats_and_grads_match_twin_and_brute_force(triton_backend, act: 
     twin = mlp_hutchinson(BACKEND, spec32, z32, v32)
     assert rel_err(stats, ref) < RTOL[torch.float32]
     assert rel_err(stats, twin) < RTOL[torch.float32]
-    weight = torch.randn(stats.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(TRITON_DEVICE)
-    got = grads(stats, weight.float(), [z32, *dec32.parameters()])
-    want = grads(ref, weight, [z64, *dec64.parameters()])
-    want_twin = grads(twin, weight.float(), [z32, *dec32.parameters()])
-    for g, w, t in zip(got, want, want_twin):
-        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
-        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
+    assert_fp32_grads_close(stats, ref, twin, (z32, dec32), (z64, dec64), seed=3)
 
 
 @pytest.mark.interpreter
@@ -331,10 +321,4 @@ def test_triton_data_weight_matches_twin_and_brute_force(
     twin = mlp_hutchinson(BACKEND, spec32, z32, v32, data_weight=w64.float())
     assert rel_err(stats, ref) < RTOL[torch.float32] and rel_err(stats, twin) < RTOL[torch.float32]
     assert rel_err(stats, stats_brute_force(dec64, z64, v64)) > 1e-2
-    weight = torch.randn(stats.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(TRITON_DEVICE)
-    got = grads(stats, weight.float(), [z32, *dec32.parameters()])
-    want = grads(ref, weight, [z64, *dec64.parameters()])
-    want_twin = grads(twin, weight.float(), [z32, *dec32.parameters()])
-    for g, w, t in zip(got, want, want_twin):
-        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
-        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
+    assert_fp32_grads_close(stats, ref, twin, (z32, dec32), (z64, dec64), seed=8)

@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 from conftest import (
-    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_run_close, grads, make_mlp, opcheck_mlp,
-    positive_weight, pullback_brute_force, rel_err, triton_case,
+    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_fp32_grads_close, assert_run_close, grads,
+    make_mlp, opcheck_mlp, positive_weight, pullback_brute_force, rel_err, triton_case, value_and_grads,
 )
 
 import isofast
@@ -160,13 +160,9 @@ def test_backends_without_the_metric_refuse_a_weight(monkeypatch: pytest.MonkeyP
 
 # --- cpu backend (the C++ extension) against the twin, brute force and gradcheck -----------------
 
-def _cpu_run(backend, spec, z, seed=1, data_weight=None):
+def _cpu_run(backend, spec, z, data_weight=None):
     """``H`` and its gradients (z and every parameter) for a random output cotangent."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [z] + [p for p in spec.params() if p is not None]
-    h = mlp_pullback(backend, spec, z, data_weight=data_weight)
-    gh = torch.randn(h.shape, generator=gen, dtype=h.dtype)
-    return [h, *torch.autograd.grad((h * gh).sum(), params)]
+    return value_and_grads(mlp_pullback(backend, spec, z, data_weight=data_weight), [z, *spec.params()])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -327,13 +323,7 @@ def test_triton_values_and_grads_match_twin_and_brute_force(triton_backend, act:
     twin = mlp_pullback(BACKEND, spec32, z32)
     assert rel_err(h, ref) < RTOL[torch.float32]
     assert rel_err(h, twin) < RTOL[torch.float32]
-    weight = torch.randn(h.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(TRITON_DEVICE)
-    got = grads(h, weight.float(), [z32, *dec32.parameters()])
-    want = grads(ref, weight, [z64, *dec64.parameters()])
-    want_twin = grads(twin, weight.float(), [z32, *dec32.parameters()])
-    for g, w, t in zip(got, want, want_twin):
-        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
-        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
+    assert_fp32_grads_close(h, ref, twin, (z32, dec32), (z64, dec64), seed=3)
 
 
 @pytest.mark.interpreter
@@ -464,10 +454,4 @@ def test_triton_data_weight_matches_twin_and_brute_force(
     twin = mlp_pullback(BACKEND, spec32, z32, data_weight=w64.float())
     assert rel_err(h, ref) < RTOL[torch.float32] and rel_err(h, twin) < RTOL[torch.float32]
     assert rel_err(h, pullback_brute_force(dec64, z64)) > 1e-2
-    weight = torch.randn(h.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(TRITON_DEVICE)
-    got = grads(h, weight.float(), [z32, *dec32.parameters()])
-    want = grads(ref, weight, [z64, *dec64.parameters()])
-    want_twin = grads(twin, weight.float(), [z32, *dec32.parameters()])
-    for g, w, t in zip(got, want, want_twin):
-        assert rel_err(g, w) < GRAD_RTOL[torch.float32]
-        assert rel_err(g, t) < GRAD_RTOL[torch.float32]
+    assert_fp32_grads_close(h, ref, twin, (z32, dec32), (z64, dec64), seed=7)
