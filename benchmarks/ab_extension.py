@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.timing import time_alternating
 from isofast import _ext
-from isofast.backends.cpu_backend import act_args
+from isofast.library import act_args
 from isofast.mlp import extract_mlp
 
 PAPER = (256, 256, 256, 256, 784)

@@ -1,87 +1,77 @@
-"""The compiled extension's batched spectral kernels, as drop-in entries of ``spectral._IMPL``.
+"""The batched spectral ops on the compiled extension: the cpu and cuda backends' implementations.
 
-:func:`install` is called by :mod:`isofast.spectral` on its first use; it only loads an already
-built extension (never compiles). Each entry runs the extension for CPU tensors (and CUDA tensors
-when the extension has its CUDA kernels) with ``m <= 32``, and otherwise calls the reference
-implementation it replaced, so results keep the public ops' documented shapes, dtypes and edge
-cases (``inf`` condition numbers and distances, floored log-determinants).
+Each runs the custom op ``isofast::<op>`` (:mod:`isofast.library`; its CPU or CUDA kernel by the
+tensor's device) for ``H (B, m, m)`` with ``m <= MAX_DIM``, and the torch reference
+(:mod:`isofast.spectral`) above it, so results keep the public ops' documented shapes, dtypes and
+edge cases (``inf`` condition numbers and distances, floored log-determinants).
 
 Differentiability: ``logdet`` has a hand-written backward (``d logdet / dH = U diag(1/lambda) U^T``,
 zero for floored eigenvalues; first order only). ``eigvalsh``, ``condition_numbers`` and
-``airm_sq_to_mean`` defer to the reference implementation when a gradient is being recorded.
+``airm_sq_to_mean`` run the torch reference when a gradient is being recorded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from isofast import _ext
+from isofast import library, spectral
 
+#: The largest ``m`` the extension's kernels take (``csrc/spectral_math.h``'s kMaxDim).
 MAX_DIM = 32
-Impl = Callable[[Tensor], Tensor]
-
-
-def _kernel(module: Any, name: str, H: Tensor) -> Callable | None:
-    """The extension function for ``H``'s device, or ``None`` when the extension cannot serve it."""
-    if H.shape[-1] > MAX_DIM or H.shape[0] == 0:
-        return None
-    if H.device.type == "cpu":
-        return getattr(module, name)
-    if H.device.type == "cuda":
-        return getattr(module, f"cuda_{name}", None)
-    return None
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _compiled(H: Tensor) -> bool:
+    """Whether the extension's kernel takes ``H`` without a gradient to record."""
+    return H.shape[-1] <= MAX_DIM and not (H.requires_grad and torch.is_grad_enabled())
+
+
 class _LogDet(torch.autograd.Function):
+    """``H (B, m, m) -> logdet (B,)`` through ``isofast::logdet``, with its own first-order backward."""
+
     @staticmethod
-    def forward(ctx: Any, fn: Callable, H: Tensor) -> Tensor:
-        out, grad = fn(H, H.requires_grad)
-        if grad is not None:
+    def forward(ctx: Any, H: Tensor) -> Tensor:
+        out, grad = library.call("logdet", H.device, H, H.requires_grad)
+        if H.requires_grad:
             ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[None, Tensor]:
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         (grad,) = ctx.saved_tensors
-        return None, g[:, None, None].to(grad.dtype) * grad
+        return g[:, None, None].to(grad.dtype) * grad
 
 
-def _wrap(name: str, fallback: Impl, module: Any) -> Impl:
-    def impl(H: Tensor) -> Tensor:
-        fn = _kernel(module, name, H)
-        if fn is None:
-            return fallback(H)
-        if name == "logdet":
-            work = H.to(_work_dtype(H.dtype))
-            return _LogDet.apply(fn, work).to(H.dtype)
-        if H.requires_grad and torch.is_grad_enabled():
-            return fallback(H)
-        work = torch.float64 if name in ("condition_numbers", "airm_sq_to_mean") else _work_dtype(H.dtype)
-        return fn(H.to(work)).to(H.dtype)
-
-    impl.__name__ = f"_{name}_compiled"
-    impl.__doc__ = f"{name} through the compiled extension (falls back to {fallback.__name__})."
-    impl.fallback = fallback  # type: ignore[attr-defined]
-    return impl
+def eigvalsh(H: Tensor) -> Tensor:
+    """``(B, m)`` ascending eigenvalues of ``H (B, m, m)``, in ``H``'s dtype."""
+    if not _compiled(H):
+        return spectral._eigvalsh_torch(H)
+    return library.call("eigvalsh", H.device, H.to(_work_dtype(H.dtype))).to(H.dtype)
 
 
-def install(table: dict[str, Impl]) -> bool:
-    """Replace the entries of ``table`` (``spectral._IMPL``) by the extension's kernels when the
-    extension is built and loadable; returns whether it did. Idempotent."""
-    module, _ = _ext.load()
-    if module is None:
-        return False
-    for name in ("eigvalsh", "logdet", "condition_numbers", "airm_sq_to_mean"):
-        current = table[name]
-        if getattr(current, "fallback", None) is None:
-            table[name] = _wrap(name, current, module)
-    return True
+def logdet(H: Tensor) -> Tensor:
+    """``(B,)`` floored log-determinants of ``H (B, m, m)``, differentiable, in ``H``'s dtype."""
+    if H.shape[-1] > MAX_DIM:
+        return spectral._logdet_torch(H)
+    return _LogDet.apply(H.to(_work_dtype(H.dtype))).to(H.dtype)
+
+
+def condition_numbers(H: Tensor) -> Tensor:
+    """``(B,)`` condition numbers of ``H (B, m, m)``, computed in float64, in ``H``'s dtype."""
+    if not _compiled(H):
+        return spectral._condition_numbers_torch(H)
+    return library.call("condition_numbers", H.device, H.to(torch.float64)).to(H.dtype)
+
+
+def airm_sq_to_mean(H: Tensor) -> Tensor:
+    """``(B,)`` squared AIRM distances of ``H (B, m, m)`` to its mean, in float64, in ``H``'s dtype."""
+    if not _compiled(H):
+        return spectral._airm_sq_to_mean_torch(H)
+    return library.call("airm_sq_to_mean", H.device, H.to(torch.float64)).to(H.dtype)

@@ -1,4 +1,4 @@
-"""``isofast doctor``: versions and the state of every backend."""
+"""``isofast doctor``: versions, the state of every backend and the dispatch table of every op."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 import isofast
-from isofast import backends, compile_stats
+from isofast import backends, compile_stats, dispatch
 
 
 def report() -> list[str]:
-    """Lines describing this installation: versions, devices and each backend's availability."""
+    """Lines describing this installation: versions, devices, each backend's availability, and per
+    op the backends that implement it (``cuda->torch``: cuda declares torch's as its fallback)."""
     lines = [
         f"isofast {isofast.__version__}",
         f"python {platform.python_version()} on {platform.machine()}",
@@ -25,6 +26,10 @@ def report() -> list[str]:
     for name in backends.REGISTRY:
         ok, why = backends.status(name)
         lines.append(f"backend {name:<7} {'available' if ok else 'missing':<10} {why}".rstrip())
+    for op in dispatch.OPS:
+        entries = [(name, dispatch.TABLE[name][op]) for name in backends.REGISTRY]
+        cells = [name if isinstance(e, dispatch.Native) else f"{name}->{'/'.join(e.to)}" for name, e in entries]
+        lines.append(f"op {op:<17} {', '.join(cells)}")
     return lines
 
 

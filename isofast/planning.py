@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from isofast import _checks, backends, geometry
+from isofast import _checks, backends, dispatch, geometry
 from isofast.backends.base import Backend, acc_dtype, autocast_dtype
 from isofast.geometry import IDENTITY, Geometry
 from isofast.measures import EXACT_ONLY, MEASURES, PATH_MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
-from isofast.ops.tangent_gram import cuda_reductions
 from isofast.streams import SequentialSpec, plan_sequential
 
 #: ``estimator="auto"`` takes the exact metric up to this latent width and Hutchinson above it:
@@ -48,7 +47,9 @@ class Plan:
     """What a call does. ``path`` is ``"fused_mlp"``, ``"fused_sequential"`` or ``"generic"``; ``n_probes`` is ``None``
     for the exact estimator; ``precision`` says in which dtypes the GEMMs run and the traces
     accumulate (e.g. ``"bfloat16 GEMMs (autocast), float32 accumulation"``); ``reasons`` maps
-    ``"path"``, ``"backend"``, ``"estimator"`` and ``"precision"`` to why.
+    ``"path"``, ``"backend"``, ``"estimator"`` and ``"precision"`` to why, and ``"ops"`` to the
+    implementation of every registered op (:mod:`isofast.dispatch`) the call runs, e.g.
+    ``"mlp_pullback: cpu (C++ extension); logdet: cpu (...)"``.
 
     ``probe_distribution`` is ``None`` (exact) or how the probes are drawn (or, when given, read):
     ``"gaussian"`` or ``"orthonormal"`` (:mod:`isofast.probes`).
@@ -311,7 +312,7 @@ def plan(
     distribution, dist_why = _probe_distribution(chosen, k, m, probes is not None)
     est_why = f"{est_why}; {dist_why}" if dist_why else est_why
     if spec is None:
-        p = _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution)
+        p = _generic_plan(decoder, z, chosen, k, measure, path_why, est_why, autocast, distribution, geo)
         if refusal is not None and refusal not in p.reasons["path"]:
             p.reasons["path"] += f"; not the fused MLP path: {refusal}"
         if geo:
@@ -326,8 +327,10 @@ def plan(
         # _fused_refusal checked that the torch twin has it
         impl, backend_why = backends.get("torch"), f"the {impl.name} backend has no diagonal data metric; its torch twin has"
     compute, precision, prec_why = _fused_precision(impl, z, dtype, autocast)
+    fused_op = "mlp_pullback" if chosen == "exact" else "mlp_hutchinson"
+    ops = [dispatch.resolve(fused_op, impl, z.device, compute or dtype), *_spectral_ops(measure, chosen, z)]
     reasons = {"path": f"fused_mlp: {path_why}", "backend": f"{impl.name}: {backend_why}", "estimator": est_why,
-               "precision": prec_why, "shapes": _shapes(z, chosen, k)}
+               "precision": prec_why, "shapes": _shapes(z, chosen, k), "ops": dispatch.describe(ops)}
     if geo:
         reasons["geometry"] = _geometry_reason(geo, "fused_mlp")
     return Plan("fused_mlp", impl.name, chosen, k, measure, reasons, precision, tuple(z.shape[1:]), spec, impl,
@@ -359,7 +362,7 @@ def _shapes(z: Tensor, estimator: str, k: int | None) -> str:
 
 
 def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measure: str | None, path_why: str,
-                  est_why: str, autocast: torch.dtype | None, distribution: str | None) -> Plan:
+                  est_why: str, autocast: torch.dtype | None, distribution: str | None, geo: Geometry) -> Plan:
     from isofast import forward_ad_fixes, train_mode
 
     forced = backends.forced()
@@ -381,16 +384,16 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
         return Plan("fused_sequential", "torch", chosen, k, measure,
                     {"path": f"fused_sequential: {path_why}",
                      "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
-                     "estimator": est_why, "shapes": _shapes(z, chosen, k), "precision": prec_why},
+                     "estimator": est_why, "shapes": _shapes(z, chosen, k), "precision": prec_why,
+                     "ops": _generic_ops(z, chosen, measure, geo)},
                     precision, tuple(z.shape[1:]), seq, probe_distribution=distribution)
-    on_cuda, reduce_why = cuda_reductions(z.device)
-    reductions = "on the cuda backend's kernels" if on_cuda else "in torch"
     reasons = {
         "path": f"generic: {path_why}",
-        "backend": f"torch: the generic path uses torch.func.jvp over batched tangents (primal once per sample); "
-                   f"its Gram/trace reductions run {reductions} ({reduce_why})",
+        "backend": "torch: the generic path uses torch.func.jvp over batched tangents (primal once per sample); "
+                   "its Gram/trace reductions run as reasons['ops'] says",
         "estimator": est_why,
         "shapes": _shapes(z, chosen, k),
+        "ops": _generic_ops(z, chosen, measure, geo),
         "operators": f"during the tangent pass: {forward_ad_fixes.DESCRIPTION}",
         "precision": f"{prec_why}; tangent images divided by a detached batch scale, then Grams and traces in "
                      f"{torch.finfo(acc_dtype(z.dtype)).dtype} with autocast off",
@@ -400,3 +403,24 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
         reasons["train_mode"] = caveat
     return Plan("generic", "torch", chosen, k, measure, reasons, precision, tuple(z.shape[1:]),
                 probe_distribution=distribution)
+
+
+def _spectral_ops(measure: str | None, estimator: str, z: Tensor) -> list[dispatch.Choice]:
+    """The spectral op a measure runs on ``H``: ``logdet`` for ``volume`` (exact metrics only)."""
+    if measure != "volume" or estimator != "exact":
+        return []
+    return [dispatch.select("logdet", z.device, acc_dtype(z.dtype))]
+
+
+def _generic_ops(z: Tensor, estimator: str, measure: str | None, geo: Geometry) -> str:
+    """``reasons["ops"]`` of the generic and stream paths: their reductions of the tangent images
+    (in the accumulation dtype; :mod:`isofast.generic`) and any spectral op."""
+    if estimator == "hutchinson":
+        names = ["tangent_sqnorm"]  # the norms of J^T J v, and of J v but under a product-form metric
+    elif measure in PATH_MEASURES or (geo.data is not None and geo.data.kind == "product"):
+        names = []  # a matrix product with the noise, or the Grams a (G a)^T
+    else:
+        names = ["tangent_gram"]
+    acc = acc_dtype(z.dtype)
+    ops = [dispatch.select(name, z.device, acc) for name in names] + _spectral_ops(measure, estimator, z)
+    return dispatch.describe(ops) if ops else "none of the registered ops"

@@ -1,10 +1,10 @@
 """Batched spectral operations on symmetric positive (semi)definite matrices.
 
 Every public op takes a batch ``H`` of shape ``(B, m, m)`` (for example pullback metrics
-``H(z) = J(z)^T J(z)``), validates it, and then calls the implementation registered under the op's
-name in :data:`_IMPL`. Only the lower triangle of the symmetric part ``(H + H^T) / 2`` matters;
-the reference implementations symmetrise explicitly so that gradients are symmetric and rounding
-asymmetry in ``J^T J`` is harmless.
+``H(z) = J(z)^T J(z)``), validates it, and then runs the implementation :mod:`isofast.dispatch`
+selects for the op (the torch references below are the torch backend's). Only the lower triangle
+of the symmetric part ``(H + H^T) / 2`` matters; the reference implementations symmetrise
+explicitly so that gradients are symmetric and rounding asymmetry in ``J^T J`` is harmless.
 
 Precision:
 
@@ -18,9 +18,9 @@ Precision:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+
+from isofast import dispatch
 
 __all__ = ["eigvalsh", "logdet", "condition_numbers", "airm_sq_to_mean"]
 
@@ -80,31 +80,12 @@ def _airm_sq_to_mean_torch(H: torch.Tensor) -> torch.Tensor:
     return per_point.to(H.dtype)
 
 
-#: Dispatch table: op name -> implementation. This is the single hook through which a compiled
-#: backend (the C++/CUDA extension) installs faster twins, e.g. ``_IMPL["logdet"] = ext.logdet``.
-#: An implementation receives an already validated ``(B, m, m)`` floating tensor and must return
-#: exactly what the public op documents (shape, dtype, edge-case values, differentiability).
-_IMPL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "eigvalsh": _eigvalsh_torch,
-    "logdet": _logdet_torch,
-    "condition_numbers": _condition_numbers_torch,
-    "airm_sq_to_mean": _airm_sq_to_mean_torch,
-}
-
-
-_compiled_checked = False
-
-
-def _use_compiled() -> None:
-    """On the first call of any op, install the compiled extension's kernels into :data:`_IMPL`
-    if the extension is already built (:func:`isofast._spectral_ext.install`; never compiles).
-    ``ISOFAST_NO_EXT=1`` keeps the torch implementations."""
-    global _compiled_checked
-    if not _compiled_checked:
-        _compiled_checked = True
-        from isofast import _spectral_ext
-
-        _spectral_ext.install(_IMPL)
+def _run(op: str, H: torch.Tensor) -> torch.Tensor:
+    """Op ``op`` on a validated ``H``, on the implementation :mod:`isofast.dispatch` selects for its
+    device and working dtype (the extension's kernels on the cpu and cuda backends, else these
+    torch references)."""
+    choice = dispatch.select(op, H.device, _linalg_dtype(H.dtype))
+    return getattr(choice.impl, op)(H)
 
 
 def eigvalsh(H: torch.Tensor) -> torch.Tensor:
@@ -117,8 +98,7 @@ def eigvalsh(H: torch.Tensor) -> torch.Tensor:
         ``(B, m)`` eigenvalues ``lambda_1 <= ... <= lambda_m``, in ``H``'s dtype.
     """
     _check(H)
-    _use_compiled()
-    return _IMPL["eigvalsh"](H)
+    return _run("eigvalsh", H)
 
 
 def logdet(H: torch.Tensor) -> torch.Tensor:
@@ -138,8 +118,7 @@ def logdet(H: torch.Tensor) -> torch.Tensor:
         ``(B,)`` log-determinants, in ``H``'s dtype.
     """
     _check(H)
-    _use_compiled()
-    return _IMPL["logdet"](H)
+    return _run("logdet", H)
 
 
 def condition_numbers(H: torch.Tensor) -> torch.Tensor:
@@ -155,8 +134,7 @@ def condition_numbers(H: torch.Tensor) -> torch.Tensor:
         ``(B,)`` condition numbers ``>= 1`` (or ``inf``), in ``H``'s dtype.
     """
     _check(H)
-    _use_compiled()
-    return _IMPL["condition_numbers"](H)
+    return _run("condition_numbers", H)
 
 
 def airm_sq_to_mean(H: torch.Tensor) -> torch.Tensor:
@@ -179,5 +157,4 @@ def airm_sq_to_mean(H: torch.Tensor) -> torch.Tensor:
         ``(B,)`` non-negative squared distances, in ``H``'s dtype.
     """
     _check(H)
-    _use_compiled()
-    return _IMPL["airm_sq_to_mean"](H)
+    return _run("airm_sq_to_mean", H)

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import data_metric, report  # noqa: E402
+from benchmarks import data_metric, dispatcher, report  # noqa: E402
 from benchmarks.cases import Case, make_inputs  # noqa: E402
 from benchmarks.estimator_quality import estimator_quality  # noqa: E402
 from benchmarks.flops import forward_flops, regulariser_flops  # noqa: E402
@@ -107,6 +107,18 @@ def test_data_metric_quick(tmp_path: Path) -> None:
     assert saved["meta"]["torch_threads"] == 1 and saved["meta"]["clock"].startswith("cpu")
     assert len(saved["records"]) == len(records)
     assert "| torch | tiny m=2 | exact | 4 |" in (tmp_path / "data_metric.md").read_text()
+
+
+@pytest.mark.parametrize("op", ["mlp_pullback", "mlp_hutchinson"])
+def test_dispatcher_steps_run(op: str) -> None:
+    """``benchmarks/dispatcher.py``: each op's step runs through the dispatcher and directly."""
+    from conftest import require_backend
+
+    require_backend("cpu")
+    dec = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5), torch.nn.Sigmoid())
+    z, probes = torch.randn(3, 2), torch.randn(3, 1, 2)
+    for via in (True, False):
+        dispatcher.step(op, via, dec, z, probes)()
 
 
 @pytest.mark.slow

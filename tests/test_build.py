@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from isofast import _build, _ext
+from isofast import _build, _ext, backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +52,39 @@ def test_loads_by_path_without_torch() -> None:
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.ABI_VERSION)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == str(_build.ABI_VERSION), out.stderr
+
+
+def test_mismatched_build_is_refused(cpu_ext, monkeypatch):
+    module, _ = _ext.load()
+    info = dict(module.build_info())
+    msg = _ext.check_build_info(info, {"torch_version": "9.9.9", "cuda_version": "none"})
+    assert "9.9.9" in msg and info["torch_version"] in msg
+    assert _ext.check_build_info({**info, "abi_version": -1})
+    cuda_info = {**info, "cuda": True, "cuda_version": "12.1"}
+    msg = _ext.check_build_info(cuda_info, {"torch_version": info["torch_version"], "cuda_version": "12.8"})
+    assert "12.1" in msg and "12.8" in msg
+    # availability() refuses it with that message.
+    monkeypatch.setattr(_ext, "expected_info", lambda: {"torch_version": "9.9.9", "cuda_version": "none"})
+    _ext.reset()
+    backends.refresh()
+    try:
+        ok, why = backends.status("cpu")
+        assert not ok and "9.9.9" in why and info["torch_version"] in why
+    finally:
+        monkeypatch.undo()
+        _ext.reset()
+        backends.refresh()
+    assert backends.status("cpu")[0]
+
+
+def test_no_ext_env_disables(cpu_ext, monkeypatch):
+    monkeypatch.setenv("ISOFAST_NO_EXT", "1")
+    _ext.reset()
+    backends.refresh()
+    try:
+        ok, why = backends.status("cpu")
+        assert not ok and "ISOFAST_NO_EXT" in why
+    finally:
+        monkeypatch.delenv("ISOFAST_NO_EXT")
+        _ext.reset()
+        backends.refresh()

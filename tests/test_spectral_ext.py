@@ -6,22 +6,18 @@ Skipped when the extension is not built, unless ``ISOFAST_REQUIRE_EXT`` is set (
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from conftest import require_backend
 
-from isofast import _ext, _spectral_ext, spectral
+from isofast import _ext, backends, dispatch, spectral
 
 
 @pytest.fixture(autouse=True)
 def ext():
-    module, why = _ext.load()
-    if module is None:
-        if os.environ.get("ISOFAST_REQUIRE_EXT"):
-            pytest.fail(f"ISOFAST_REQUIRE_EXT is set but the compiled extension is unavailable: {why}")
-        pytest.skip(f"compiled extension not built: {why}")
-    return module
+    require_backend("cpu")  # the compiled extension, loaded
+    return _ext.get()
 
 
 def spd(b: int, m: int, cond: float = 10.0, dtype=torch.float64, seed: int = 0, repeated: bool = False):
@@ -75,16 +71,16 @@ def test_logdet_gradcheck_through_spectral():
     H, _ = spd(4, 3, 10.0, seed=5)
     H.requires_grad_()
     assert torch.autograd.gradcheck(spectral.logdet, (H,))
-    assert spectral._IMPL["logdet"].__name__ == "_logdet_compiled"
+    assert dispatch.select("logdet", H.device, H.dtype).impl.name == "cpu"
 
 
 def test_public_ops_use_extension_and_match_reference():
     H, _ = spd(50, 4, 1e6, seed=7)
     for name in ("eigvalsh", "logdet", "condition_numbers", "airm_sq_to_mean"):
         got = getattr(spectral, name)(H)
-        impl = spectral._IMPL[name]
-        assert impl.__name__ == f"_{name}_compiled"
-        torch.testing.assert_close(got, impl.fallback(H), rtol=1e-8, atol=1e-10)
+        assert dispatch.select(name, H.device, H.dtype).impl.name == "cpu"
+        with backends.use("torch"):
+            torch.testing.assert_close(got, getattr(spectral, name)(H), rtol=1e-8, atol=1e-10)
 
 
 def test_condition_numbers_edge_cases(ext):
@@ -129,9 +125,15 @@ def test_bad_input_errors_from_cpp(ext):
         ext.airm_sq_to_mean(torch.randn(3, 3, dtype=torch.float64))
 
 
-def test_install_is_idempotent():
-    table = dict(spectral._IMPL)
-    assert _spectral_ext.install(table)
-    first = dict(table)
-    _spectral_ext.install(table)
-    assert table == first
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_custom_ops_opcheck(dtype):
+    """The spectral ops ``isofast::eigvalsh``, ``logdet``, ``condition_numbers`` and
+    ``airm_sq_to_mean`` pass torch.library.opcheck on their CPU kernels."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, 4, generator=gen, dtype=dtype)
+    H = a @ a.transpose(1, 2) + torch.eye(4, dtype=dtype)
+    ops = torch.ops.isofast
+    for op in (ops.eigvalsh, ops.condition_numbers, ops.airm_sq_to_mean):
+        torch.library.opcheck(op, (H,))
+    for with_grad in (True, False):
+        torch.library.opcheck(ops.logdet, (H, with_grad))

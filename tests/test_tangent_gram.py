@@ -3,30 +3,19 @@ the cuda backend's kernels against the torch path (values, gradients, the generi
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import RTOL, ConvDecoder
+from conftest import RTOL, ConvDecoder, require_backend
 from torch.autograd import gradcheck, gradgradcheck
 
 import isofast
-from isofast import backends
+from isofast import backends, dispatch
 from isofast.ops import tangent_gram, tangent_sqnorm
-from isofast.ops.tangent_gram import cuda_reductions
 
 
 def _images(*shape: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
     torch.manual_seed(0)
     return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
-
-
-def _require_cuda_backend() -> None:
-    ok, why = backends.status("cuda")
-    if not ok:
-        if os.environ.get("ISOFAST_REQUIRE_EXT"):
-            pytest.fail(f"cuda backend unavailable: {why}")
-        pytest.skip(why)
 
 
 # --- CPU: the torch path -----------------------------------------------------------------------
@@ -55,19 +44,31 @@ def test_gradcheck(op) -> None:
     assert gradgradcheck(op, (x,))
 
 
-def test_cuda_reductions_decision(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cuda_reductions(torch.device("cpu")) == (False, "cpu tensors")
+def _reducer(op: str, device: str) -> str:
+    return dispatch.select(op, torch.device(device), torch.float64).impl.name
+
+
+@pytest.mark.parametrize("op", ["tangent_gram", "tangent_sqnorm"])
+def test_reductions_dispatch(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tensors reduce in torch; CUDA tensors on the cuda backend's kernels when it is available
+    (the triton backend declares them as its fallback), in torch under use("torch") or without it."""
+    assert _reducer(op, "cpu") == "torch"
     monkeypatch.setitem(backends._status, "cuda", (True, ""))
-    assert cuda_reductions(torch.device("cuda"))[0]
+    assert _reducer(op, "cuda") == "cuda"
     with backends.use("torch"):
-        assert cuda_reductions(torch.device("cuda")) == (False, "forced by isofast.backends.use('torch')")
+        assert _reducer(op, "cuda") == "torch"
+    monkeypatch.setitem(backends._status, "triton", (True, ""))
+    monkeypatch.setattr(backends.get("triton"), "supports", lambda device, dtype=None: (True, ""))
+    choice = dispatch.select(op, torch.device("cuda"), torch.float32)
+    assert (choice.backend, choice.impl.name) == ("triton", "cuda")
     monkeypatch.setitem(backends._status, "cuda", (False, "no CUDA device"))
-    assert cuda_reductions(torch.device("cuda")) == (False, "cuda backend: no CUDA device")
+    assert dispatch.select(op, torch.device("cuda"), torch.float32).impl.name == "torch"
 
 
 def test_plan_reports_torch_reductions_on_cpu() -> None:
-    why = isofast.plan(ConvDecoder(), torch.randn(3, 2, dtype=torch.float64)).reasons["backend"]
-    assert why.startswith("torch:") and "reductions run in torch (cpu tensors)" in why
+    reasons = isofast.plan(ConvDecoder(), torch.randn(3, 2, dtype=torch.float64)).reasons
+    assert reasons["backend"].startswith("torch:")
+    assert reasons["ops"].startswith("tangent_gram: torch (PyTorch")
 
 
 # --- GPU: the cuda backend's kernels against the torch path -------------------------------------
@@ -76,8 +77,8 @@ def test_plan_reports_torch_reductions_on_cpu() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("op", [tangent_gram, tangent_sqnorm])
 def test_cuda_kernels_match_torch_path(op, dtype: torch.dtype) -> None:
-    _require_cuda_backend()
-    assert cuda_reductions(torch.device("cuda"))[0]
+    require_backend("cuda")
+    assert _reducer(op.__name__, "cuda") == "cuda"
     # D = 1000 spans several blocks of the reduction; a transposed view exercises non-contiguous input.
     for x in (_images(6, 5, 1000, dtype=dtype, device="cuda"),
               _images(6, 1000, 5, dtype=dtype, device="cuda").transpose(1, 2)):
@@ -95,7 +96,7 @@ def test_cuda_kernels_match_torch_path(op, dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("estimator", ["exact", "hutchinson"])
 def test_generic_path_on_cuda_matches_torch_path(estimator: str) -> None:
-    _require_cuda_backend()
+    require_backend("cuda")
     dec = ConvDecoder().cuda()
     z = torch.randn(6, 2, dtype=torch.float64, device="cuda", requires_grad=True)
     probes = torch.randn(6, 3, 2, dtype=torch.float64, device="cuda") if estimator == "hutchinson" else None
@@ -105,12 +106,11 @@ def test_generic_path_on_cuda_matches_torch_path(estimator: str) -> None:
         loss = isofast.distortion(dec, z, eta=None, estimator=estimator, probes=probes)
         return [loss, *torch.autograd.grad(loss, params)]
 
-    why = isofast.plan(dec, z, eta=None, estimator=estimator, probes=probes).reasons["backend"]
-    assert "reductions run on the cuda backend's kernels" in why
+    ops = isofast.plan(dec, z, eta=None, estimator=estimator, probes=probes).reasons["ops"]
+    assert ": cuda (CUDA kernel" in ops
     got = run()
     with backends.use("torch"):
-        assert "reductions run in torch" in isofast.plan(dec, z, eta=None, estimator=estimator,
-                                                         probes=probes).reasons["backend"]
+        assert ": torch (PyTorch" in isofast.plan(dec, z, eta=None, estimator=estimator, probes=probes).reasons["ops"]
         want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

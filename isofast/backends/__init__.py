@@ -1,4 +1,5 @@
-"""Backends: who runs the fused MLP ops (``mlp_pullback``, ``mlp_hutchinson``).
+"""Backends: who runs the ops (``mlp_pullback``, ``mlp_hutchinson``, the generic path's reductions
+and the spectral ops); :mod:`isofast.dispatch` says which backend implements which op.
 
 ``"torch"`` (pure PyTorch, always present) is the reference twin every other backend is tested
 against. Compiled backends register here by name and are imported only when asked about, so

@@ -67,7 +67,11 @@ class CompileResult(NamedTuple):
 
 
 class Backend:
-    """Base class of a backend. Subclasses implement the four op methods."""
+    """Base class of a backend. A backend implements, as its own methods, exactly the ops that
+    :data:`isofast.dispatch.TABLE` marks :class:`~isofast.dispatch.Native` for it (the stubs below
+    state the fused ops' signatures); for the others the table names a fallback backend.
+    ``tangent_gram``, ``tangent_sqnorm`` and the spectral ops (:mod:`isofast.spectral`) are methods
+    of one tensor argument, e.g. ``x (B, K, D) -> (B, K, K)`` and ``H (B, m, m) -> (B,)``."""
 
     name: str = "base"
     #: Whether the op methods accept a ``data_weight`` tensor (the metric ``J^T diag(w) J``);

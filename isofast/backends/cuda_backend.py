@@ -2,10 +2,12 @@
 
 - exact ``mlp_pullback``: ATen GEMMs over the stacked ``(1 + K) B`` rows with the extension's
   fused CUDA epilogue (bias, activation, ``s'(p)`` gating) and backward prologue (``s''`` terms),
-  and the per-sample Gram reduced by a CUDA kernel;
-- ``mlp_hutchinson``: the torch twin's math (ATen GEMMs and elementwise ops) on CUDA tensors;
+  and the per-sample Gram reduced by a CUDA kernel (:func:`pullback_forward`,
+  :func:`pullback_backward`: the CUDA kernels of the custom op ``isofast::mlp_pullback_*``);
 - the batched spectral ops (see :mod:`isofast._spectral_ext`) and the generic path's reductions
-  (:meth:`CudaBackend.gram`, :meth:`CudaBackend.sqnorm`).
+  ``tangent_gram`` and ``tangent_sqnorm``, each the CUDA kernel of its ``isofast::<op>``;
+- no ``mlp_hutchinson``: :data:`isofast.dispatch.TABLE` declares the torch twin's instead, and
+  ``isofast.plan`` reports it.
 
 Available only when the extension was compiled with its CUDA sources (a CUDA build of torch and
 a CUDA toolkit, or ``ISOFAST_BUILD_CUDA=1``) and a CUDA device is present.
@@ -23,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from isofast import _ext, compile_stats
-from isofast.backends.base import CompileResult
-from isofast.backends.cpu_backend import act_args
-from isofast.backends.torch_backend import TorchBackend, identity_seeds
+from isofast import _ext, _spectral_ext, compile_stats, library
+from isofast.backends.base import Backend, CompileResult, Grads
+from isofast.backends.torch_backend import identity_seeds
+from isofast.library import act_args, bias_grads
 
 #: GPU target of :meth:`CudaBackend.compile_check`.
 COMPILE_CHECK_ARCH = "sm_90"
@@ -50,10 +52,10 @@ def _torch_includes() -> list[str]:
     return [str(root), str(root / "torch" / "csrc" / "api" / "include")]
 
 
-class CudaBackend(TorchBackend):
+class CudaBackend(Backend):
     name = "cuda"
     #: The CUDA Gram epilogue has no diagonal data-space metric: ``data_weight`` must be ``None``
-    #: (the Hutchinson methods, inherited from the torch twin, refuse it too, for one contract).
+    #: (``mlp_hutchinson`` called on this backend refuses it too, for one contract).
     diagonal_data_metric = False
 
     def availability(self) -> tuple[bool, str]:
@@ -110,67 +112,84 @@ class CudaBackend(TorchBackend):
                                              f"{compile_stats.summary(stats)}", stats))
         return results
 
-    # --- generic-path reductions -------------------------------------------------------------
-
-    @staticmethod
-    def gram(x: torch.Tensor) -> torch.Tensor:
-        """``G[b] = x[b] x[b]^T`` for tangent images ``x (B, K, D)`` (float32/float64, CUDA)."""
-        return _ext.get().cuda_gram(x)
-
-    @staticmethod
-    def sqnorm(x: torch.Tensor) -> torch.Tensor:
-        """``||x[b, k]||^2`` for ``x (B, K, D)`` (float32/float64, CUDA)."""
-        return _ext.get().cuda_sqnorm(x)
-
-    # --- exact pullback: ATen GEMMs + fused CUDA epilogues -----------------------------------
+    # --- ops: each the CUDA kernel of its isofast::<op> (isofast.library) ------------------------
 
     def mlp_pullback_forward(self, z, weights, biases, acts, data_weight=None):  # type: ignore[override]
         self.refuse_data_weight(data_weight)
-        ext = _ext.get()
-        codes, p0, p1 = act_args(acts)
-        bsz, m = z.shape
-        s = identity_seeds(z).reshape((m + 1) * bsz, m)
-        saved: list[torch.Tensor] = []
-        n_layers = len(weights)
-        for l, (w, b) in enumerate(zip(weights, biases)):
-            a = s @ w.t()
-            saved += [s, a]
-            s = ext.cuda_forward_epilogue(a, b, m, codes[l], p0[l], p1[l], l + 1 < n_layers)
-        t = s[bsz:].view(m, bsz, -1).transpose(0, 1).contiguous()  # (B, K, D)
-        return ext.cuda_gram(t), (*saved, t)
+        h, saved = library.call("mlp_pullback_forward", z.device, z, list(weights), list(biases), *act_args(acts),
+                                None)
+        return h, tuple(saved)
 
     def mlp_pullback_backward(self, grad_h, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
         self.refuse_data_weight(data_weight)
-        ext = _ext.get()
-        codes, p0, p1 = act_args(acts)
-        *layers, t = saved
-        bsz, m, d_out = t.shape
-        sym = (grad_h + grad_h.transpose(1, 2)).to(t.dtype)
-        sb = torch.zeros((m + 1) * bsz, d_out, dtype=t.dtype, device=t.device)
-        sb[bsz:] = torch.einsum("bkl,bld->kbd", sym, t).reshape(m * bsz, d_out)
-        n_layers = len(weights)
-        grad_w: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
-        grad_b: list[torch.Tensor | None] = [None] * n_layers
-        grad_z = None
-        for l in reversed(range(n_layers)):
-            x, a = layers[2 * l], layers[2 * l + 1]
-            ext.cuda_backward_prologue(a, sb, None, m, codes[l], p0[l], p1[l])
-            grad_w[l] = sb.t() @ x
-            if has_bias[l]:
-                grad_b[l] = sb[:bsz].sum(0)
-            if l > 0:
-                sb = sb @ weights[l]
-            else:
-                grad_z = sb[:bsz] @ weights[0]
-        return grad_z, grad_w, grad_b
+        out = library.call("mlp_pullback_backward", grad_h.device, grad_h, list(weights), list(has_bias),
+                           *act_args(acts), list(saved), None)
+        return bias_grads(out, has_bias)
 
-    def mlp_hutchinson_forward(self, z, probes, weights, biases, acts, data_weight=None):  # type: ignore[override]
-        self.refuse_data_weight(data_weight)
-        return super().mlp_hutchinson_forward(z, probes, weights, biases, acts)
+    @staticmethod
+    def tangent_gram(x: torch.Tensor) -> torch.Tensor:
+        """``G[b] = x[b] x[b]^T`` for tangent images ``x (B, K, D)`` (float32/float64, CUDA)."""
+        return library.call("tangent_gram", x.device, x)
 
-    def mlp_hutchinson_backward(self, grad_stats, weights, has_bias, acts, saved, data_weight=None):  # type: ignore[override]
-        self.refuse_data_weight(data_weight)
-        return super().mlp_hutchinson_backward(grad_stats, weights, has_bias, acts, saved)
+    @staticmethod
+    def tangent_sqnorm(x: torch.Tensor) -> torch.Tensor:
+        """``||x[b, k]||^2`` for ``x (B, K, D)`` (float32/float64, CUDA)."""
+        return library.call("tangent_sqnorm", x.device, x)
+
+    eigvalsh = staticmethod(_spectral_ext.eigvalsh)
+    logdet = staticmethod(_spectral_ext.logdet)
+    condition_numbers = staticmethod(_spectral_ext.condition_numbers)
+    airm_sq_to_mean = staticmethod(_spectral_ext.airm_sq_to_mean)
 
 
 BACKEND = CudaBackend()
+
+
+# --- the CUDA kernels of isofast::mlp_pullback_forward / _backward -------------------------------
+# Saved for the backward: per layer the stacked input S_l ((1 + m) B, d_in) and pre-activation
+# A_l ((1 + m) B, d_out) (its first B rows the primal p_l), then the tangent images t (B, m, D).
+
+def pullback_forward(z: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                     codes: list[int], coefs: list[float], thresholds: list[float],
+                     data_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(H (B, m, m), saved)`` of the exact pullback metric for CUDA ``z (B, m)``."""
+    BACKEND.refuse_data_weight(data_weight)
+    ext = _ext.get()
+    bsz, m = z.shape
+    s = identity_seeds(z).reshape((m + 1) * bsz, m)
+    saved: list[torch.Tensor] = []
+    n_layers = len(weights)
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        a = s @ w.t()
+        saved += [s, a]
+        s = ext.cuda_forward_epilogue(a, b, m, codes[l], coefs[l], thresholds[l], l + 1 < n_layers)
+    t = s[bsz:].view(m, bsz, -1).transpose(0, 1).contiguous()  # (B, K, D)
+    return ext.cuda_gram(t), [*saved, t]
+
+
+def pullback_backward(grad_h: torch.Tensor, weights: list[torch.Tensor], has_bias: list[bool], codes: list[int],
+                      coefs: list[float], thresholds: list[float], saved: list[torch.Tensor],
+                      data_weight: torch.Tensor | None = None) -> Grads:
+    """``(grad_z (B, m), grad_weights, grad_biases)`` of :func:`pullback_forward` given ``grad_h (B, m, m)``."""
+    BACKEND.refuse_data_weight(data_weight)
+    ext = _ext.get()
+    *layers, t = saved
+    bsz, m, d_out = t.shape
+    sym = (grad_h + grad_h.transpose(1, 2)).to(t.dtype)
+    sb = torch.zeros((m + 1) * bsz, d_out, dtype=t.dtype, device=t.device)
+    sb[bsz:] = torch.einsum("bkl,bld->kbd", sym, t).reshape(m * bsz, d_out)
+    n_layers = len(weights)
+    grad_w: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
+    grad_b: list[torch.Tensor | None] = [None] * n_layers
+    grad_z = None
+    for l in reversed(range(n_layers)):
+        x, a = layers[2 * l], layers[2 * l + 1]
+        ext.cuda_backward_prologue(a, sb, None, m, codes[l], coefs[l], thresholds[l])
+        grad_w[l] = sb.t() @ x
+        if has_bias[l]:
+            grad_b[l] = sb[:bsz].sum(0)
+        if l > 0:
+            sb = sb @ weights[l]
+        else:
+            grad_z = sb[:bsz] @ weights[0]
+    return grad_z, grad_w, grad_b  # type: ignore[return-value]

@@ -3,7 +3,9 @@
 Streams are stored stream-major, ``S`` of shape ``(1 + K, B, d)`` with stream 0 the primal, so one
 GEMM over the ``(1 + K) * B`` stacked rows serves every stream, the bias and activation touch a
 contiguous primal block, and ``s'(p)`` gates all tangent streams by broadcasting. This is the
-layout the compiled kernels reproduce; this module is their test oracle and their fallback.
+layout the compiled kernels reproduce; this module is their test oracle and the declared fallback
+(:data:`isofast.dispatch.TABLE`) of every op a compiled backend lacks. It also holds the torch
+implementations of the generic path's reductions and of the spectral ops (:mod:`isofast.spectral`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from isofast import spectral
 from isofast.activations import Activation
 from isofast.backends.base import Backend, Grads, acc_dtype
 
@@ -155,6 +158,21 @@ class TorchBackend(Backend):
             grad_t.mul_(data_weight)
         grad_s = torch.cat([torch.zeros_like(t[:1]), grad_t], dim=0)
         return stream_backward(grad_s, weights, has_bias, acts, layers, grad_p_chain, grad_w_chain)
+
+    @staticmethod
+    def tangent_gram(x: Tensor) -> Tensor:
+        """``G (B, K, K) = x x^T`` of tangent images ``x (B, K, D)``."""
+        return x @ x.transpose(1, 2)
+
+    @staticmethod
+    def tangent_sqnorm(x: Tensor) -> Tensor:
+        """``s (B, K) = sum_d x^2`` of tangent images ``x (B, K, D)``."""
+        return x.square().sum(-1)
+
+    eigvalsh = staticmethod(spectral._eigvalsh_torch)
+    logdet = staticmethod(spectral._logdet_torch)
+    condition_numbers = staticmethod(spectral._condition_numbers_torch)
+    airm_sq_to_mean = staticmethod(spectral._airm_sq_to_mean_torch)
 
 
 BACKEND = TorchBackend()

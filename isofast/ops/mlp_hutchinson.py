@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from isofast import dispatch
 from isofast.backends.base import Backend
 from isofast.mlp import MLPSpec, interleave
 from isofast.ops.mlp_pullback import autocast_off, check_data_weight
@@ -45,10 +46,12 @@ class MLPHutchinson(torch.autograd.Function):
 def mlp_hutchinson(
     backend: Backend, spec: MLPSpec, z: Tensor, probes: Tensor, data_weight: Tensor | None = None
 ) -> Tensor:
-    """``stats (B, K, 2)`` for codes ``z (B, m)`` and probes ``(B, K, m)`` (treated as constants):
+    """``stats (B, K, 2)`` for codes ``z (B, m)`` and probes ``(B, K, m)`` (treated as constants), on
+    ``backend``'s implementation or its declared fallback (the cuda backend's is the torch twin's):
     ``stats[..., 0] = sum_d w_d (J v_k)_d^2``, ``stats[..., 1] = ||J^T diag(w) J v_k||^2`` (``w = 1``
     when ``data_weight`` is ``None``). ``data_weight``: ``w (D,)``, ``z``'s dtype and device,
     positive and finite, treated as a constant (no gradient); only backends with
     ``diagonal_data_metric``."""
-    return MLPHutchinson.apply(backend, spec.activations, z, probes, check_data_weight(backend, spec, data_weight),
+    impl = dispatch.resolve("mlp_hutchinson", backend, z.device, z.dtype).impl
+    return MLPHutchinson.apply(impl, spec.activations, z, probes, check_data_weight(backend, spec, data_weight),
                                *spec.params())

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from isofast import dispatch
 from isofast.backends.base import Backend, autocast_dtype
 from isofast.mlp import MLPSpec, interleave
 
@@ -36,8 +37,9 @@ def check_data_weight(backend: Backend, spec: MLPSpec, data_weight: Tensor | Non
 
 
 class MLPPullback(torch.autograd.Function):
-    """``(z, w, W_1, b_1, ..., W_L, b_L) -> H (B, m, m)`` through ``backend``'s hand-written kernels
-    (``w``: the diagonal data-space metric or ``None``, a constant)."""
+    """``(z, w, W_1, b_1, ..., W_L, b_L) -> H (B, m, m)`` through the hand-written forward and
+    backward of ``backend``, the implementation :mod:`isofast.dispatch` resolved (``w``: the
+    diagonal data-space metric or ``None``, a constant)."""
 
     @staticmethod
     def forward(
@@ -65,8 +67,8 @@ class MLPPullback(torch.autograd.Function):
 
 def mlp_pullback(backend: Backend, spec: MLPSpec, z: Tensor, data_weight: Tensor | None = None) -> Tensor:
     """Exact ``H (B, m, m) = J^T diag(w) J`` of the MLP ``spec`` at codes ``z (B, m)`` (``J^T J`` when
-    ``data_weight`` is ``None``); differentiable in ``z`` and the parameters through a hand-written
-    backward (no double backward). ``data_weight``: ``w (D,)``, ``z``'s dtype and device, positive
+    ``data_weight`` is ``None``), on ``backend``'s implementation or its declared fallback;
+    differentiable in ``z`` and the parameters through a hand-written backward (no double backward). ``data_weight``: ``w (D,)``, ``z``'s dtype and device, positive
     and finite, treated as a constant (no gradient); only backends with ``diagonal_data_metric``."""
-    return MLPPullback.apply(backend, spec.activations, z, check_data_weight(backend, spec, data_weight),
-                             *spec.params())
+    impl = dispatch.resolve("mlp_pullback", backend, z.device, z.dtype).impl
+    return MLPPullback.apply(impl, spec.activations, z, check_data_weight(backend, spec, data_weight), *spec.params())

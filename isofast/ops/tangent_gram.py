@@ -10,9 +10,10 @@ For tangent images ``x (B, K, D)`` (rows ``J v_k``):
 The squared norms are their own op rather than the Gram's diagonal: the diagonal would cost
 ``K (K + 1) / 2`` dot products and ``K^2`` outputs per sample where ``K`` suffice.
 
-Forward runs the cuda backend's reduction kernels on CUDA tensors when that backend is
-available (and not overridden by ``isofast.backends.use("torch")``), else the torch expression;
-backward is always torch, written with differentiable ops so a double backward works.
+Forward runs the implementation :mod:`isofast.dispatch` selects (the cuda backend's kernels on
+CUDA tensors, which the triton backend declares as its fallback; the torch expression elsewhere
+and under ``isofast.backends.use("torch")``); backward is always torch, written with
+differentiable ops so a double backward works.
 """
 
 from __future__ import annotations
@@ -22,22 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from isofast import backends
-
-
-def cuda_reductions(device: torch.device) -> tuple[bool, str]:
-    """Whether the reductions run on the cuda backend's kernels for tensors on ``device``, and why."""
-    if torch.device(device).type != "cuda":
-        return False, f"{torch.device(device).type} tensors"
-    if backends.forced() == "torch":
-        return False, "forced by isofast.backends.use('torch')"
-    ok, why = backends.status("cuda")
-    return (True, "CUDA tensors and the cuda backend is available") if ok else (False, f"cuda backend: {why}")
-
-
-def _cuda_backend(x: Tensor) -> Any:
-    """The cuda backend when it reduces ``x``, else ``None``."""
-    return backends.get("cuda") if cuda_reductions(x.device)[0] else None
+from isofast import dispatch
 
 
 class TangentGram(torch.autograd.Function):
@@ -46,8 +32,7 @@ class TangentGram(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        cuda = _cuda_backend(x)
-        return cuda.gram(x) if cuda is not None else x @ x.transpose(1, 2)
+        return dispatch.select("tangent_gram", x.device, x.dtype).impl.tangent_gram(x)
 
     @staticmethod
     def backward(ctx: Any, grad_g: Tensor) -> Tensor:
@@ -61,8 +46,7 @@ class TangentSqnorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        cuda = _cuda_backend(x)
-        return cuda.sqnorm(x) if cuda is not None else x.square().sum(-1)
+        return dispatch.select("tangent_sqnorm", x.device, x.dtype).impl.tangent_sqnorm(x)
 
     @staticmethod
     def backward(ctx: Any, grad_s: Tensor) -> Tensor:
