@@ -231,3 +231,14 @@ def traces_brute_force(decoder: torch.nn.Module, z: torch.Tensor) -> tuple[torch
     """Detached ``(H (B, m, m), Tr H (B,), Tr H^2 (B,))`` from the brute-force pullback metric."""
     h = pullback_brute_force(decoder, z).detach()
     return h, torch.diagonal(h, dim1=1, dim2=2).sum(-1), (h @ h).diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def gradcheck_over_params(op, spec, z: torch.Tensor, **tolerances) -> bool:
+    """``torch.autograd.gradcheck`` of ``op(spec, z)`` over ``z`` and every parameter of the MLP
+    ``spec`` (float64): ``op`` receives a copy of ``spec`` built from the checked parameters."""
+    params = [p.detach().clone().requires_grad_() for p in spec.params()]
+
+    def run(z: torch.Tensor, *ps: torch.Tensor) -> torch.Tensor:
+        return op(type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations), z)
+
+    return torch.autograd.gradcheck(run, (z, *params), **tolerances)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_fp32_grads_close, assert_run_close, grads,
+    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_fp32_grads_close, assert_run_close, gradcheck_over_params, grads,
     make_mlp, opcheck_mlp, positive_weight, rel_err, stats_brute_force, triton_case, value_and_grads,
 )
 
@@ -48,11 +48,8 @@ def test_gradcheck() -> None:
     spec, _ = extract_mlp(dec)
     z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     probes = torch.randn(3, 2, 2, dtype=torch.float64)
-    params = [p.detach().requires_grad_() for p in spec.params()]
-    fn = lambda z, *ps: mlp_hutchinson(  # noqa: E731
-        BACKEND, type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations), z, probes
-    )
-    assert torch.autograd.gradcheck(fn, (z, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradcheck_over_params(lambda s, z: mlp_hutchinson(BACKEND, s, z, probes), spec, z,
+                                 eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 # --- diagonal data-space metric W = diag(w) ---------------------------------------------------------
@@ -87,13 +84,8 @@ def test_data_weight_gradcheck(data_metric_backend, act: str) -> None:
     z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     probes = torch.randn(3, 2, 2, dtype=torch.float64)
     w = positive_weight(3, seed=5)
-    params = [p.detach().clone().requires_grad_() for p in spec.params()]
-
-    def fn(z, *ps):
-        s = type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations)
-        return mlp_hutchinson(data_metric_backend, s, z, probes, data_weight=w)
-
-    assert torch.autograd.gradcheck(fn, (z, *params), eps=1e-7, atol=1e-6, rtol=1e-5)
+    assert gradcheck_over_params(lambda s, z: mlp_hutchinson(data_metric_backend, s, z, probes, data_weight=w),
+                                 spec, z, eps=1e-7, atol=1e-6, rtol=1e-5)
 
 
 def test_unit_data_weight_equals_none(data_metric_backend) -> None:
@@ -172,14 +164,8 @@ def test_cpu_gradcheck(cpu_ext, act):
     torch.manual_seed(1)
     z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     probes = torch.randn(3, 2, 2, dtype=torch.float64)
-    params = [p.detach().clone().requires_grad_() for p in spec.params()]
-
-    def hutch(z, *ps):
-        s = type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations)
-        return mlp_hutchinson(cpu_ext, s, z, probes)
-
     # ReLU-like kinks: keep the finite-difference step small against distances to the kink.
-    assert torch.autograd.gradcheck(hutch, (z, *params), eps=1e-7, atol=1e-6)
+    assert gradcheck_over_params(lambda s, z: mlp_hutchinson(cpu_ext, s, z, probes), spec, z, eps=1e-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 from conftest import (
-    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_fp32_grads_close, assert_run_close, grads,
+    ACTIVATIONS, GRAD_RTOL, RTOL, TRITON_DEVICE, assert_fp32_grads_close, assert_run_close, gradcheck_over_params, grads,
     make_mlp, opcheck_mlp, positive_weight, pullback_brute_force, rel_err, triton_case, value_and_grads,
 )
 
@@ -48,9 +48,7 @@ def test_gradcheck(act: str) -> None:
     spec, _ = extract_mlp(dec)
     z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     # relu kinks: keep away from a = 0 so finite differences are valid
-    params = [p.detach().requires_grad_() for p in spec.params()]
-    fn = lambda z, *ps: mlp_pullback(BACKEND, type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations), z)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (z, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert gradcheck_over_params(lambda s, z: mlp_pullback(BACKEND, s, z), spec, z, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def test_no_bias_and_float32() -> None:
@@ -99,13 +97,8 @@ def test_data_weight_gradcheck(data_metric_backend, act: str) -> None:
     torch.manual_seed(6)
     z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     w = positive_weight(3, seed=2)
-    params = [p.detach().clone().requires_grad_() for p in spec.params()]
-
-    def fn(z, *ps):
-        s = type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations)
-        return mlp_pullback(data_metric_backend, s, z, data_weight=w)
-
-    assert torch.autograd.gradcheck(fn, (z, *params), eps=1e-7, atol=1e-6, rtol=1e-5)
+    assert gradcheck_over_params(lambda s, z: mlp_pullback(data_metric_backend, s, z, data_weight=w), spec, z,
+                                 eps=1e-7, atol=1e-6, rtol=1e-5)
 
 
 def test_unit_data_weight_equals_none(data_metric_backend) -> None:
@@ -218,14 +211,8 @@ def test_cpu_gradcheck(cpu_ext, act):
     spec, _ = extract_mlp(dec)
     torch.manual_seed(1)
     z = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    params = [p.detach().clone().requires_grad_() for p in spec.params()]
-
-    def pull(z, *ps):
-        s = type(spec)(tuple(ps[0::2]), tuple(ps[1::2]), spec.activations)
-        return mlp_pullback(cpu_ext, s, z)
-
     # ReLU-like kinks: keep the finite-difference step small against distances to the kink.
-    assert torch.autograd.gradcheck(pull, (z, *params), eps=1e-7, atol=1e-6)
+    assert gradcheck_over_params(lambda s, z: mlp_pullback(cpu_ext, s, z), spec, z, eps=1e-7, atol=1e-6)
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
