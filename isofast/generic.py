@@ -199,8 +199,6 @@ def path_lengths(decoder: Decoder, z: Tensor, estimator: str, generator: torch.G
     ``estimator="exact"``: first order, ``J~^T w = [(R J S e_i) . w]_i`` from the ``m`` whitened basis
     tangent images; ``"hutchinson"``: one VJP (a double backward when differentiated).
     """
-    if geo.data is not None and geo.data.kind == "product":
-        geo.data.cotangent(z)  # raises: the measure needs G^(1/2)
     bsz = z.shape[0]
     if estimator == "exact":
         im = _normalised_images(decoder, z, _vectors(z, latent_basis(z), geo.whitening(z)), group, geo)

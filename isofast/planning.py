@@ -6,6 +6,7 @@ reports is exactly what runs; nothing falls back silently.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -215,7 +216,7 @@ def _path_length_estimator(estimator: str, probes: Tensor | None, n_probes: int 
     return "exact", f"{why}: J^T w = [(J e_i) . w]_i from m tangent streams (first order, no double backward)"
 
 
-def _fused_refusal(geo: Geometry, measure: str | None, exact: bool, impl: Backend) -> str | None:
+def _fused_refusal(geo: Geometry, measure: str | None, exact: bool) -> str | None:
     """Why the fused MLP path cannot run this call's geometry, or ``None`` when it can."""
     if measure in PATH_MEASURES:
         return f"the fused MLP kernels compute no J^T w for the {measure!r} measure"
@@ -225,8 +226,6 @@ def _fused_refusal(geo: Geometry, measure: str | None, exact: bool, impl: Backen
             return f"the fused MLP kernels take a diagonal data metric only, got a {data.describe()}"
         if data.weight.requires_grad:  # type: ignore[union-attr]
             return "the data_metric weights require grad, and the fused MLP kernels treat them as constants"
-        if not getattr(impl, "diagonal_data_metric", False) and not getattr(backends.get("torch"), "diagonal_data_metric", False):
-            return "no fused backend implements the diagonal data metric"
     if geo.latent is not None and geo.latent.kind == "matrix" and not exact:
         return ("a matrix latent metric with a probe estimator needs probes that depend on z, and the fused MLP "
                 "kernels treat probes as constants")
@@ -287,6 +286,9 @@ def plan(
         raise ValueError("sync=True needs an initialised torch.distributed process group")
     m = z[0].numel()
     geo = Geometry(geometry.data_metric(data_metric, z), geometry.latent_metric(latent_metric, z))
+    if measure in PATH_MEASURES and geo.data is not None and geo.data.kind == "product":
+        raise ValueError("the path_length measure needs G^(1/2): give data_metric as per-output weights or an "
+                         "SPD matrix, not a metric-vector product")
     autocast = autocast_dtype(z.device)
     spec, path_why = _path(decoder, z)
     if spec is not None and estimator == "forward":
@@ -296,7 +298,7 @@ def plan(
         dtype = _check_params(spec, z, autocast)
         impl, backend_why = backends.select(z.device, dtype)
         exact = measure is None or estimator == "exact" or (estimator == "auto" and probes is None and m <= EXACT_MAX_LATENT)
-        refusal = _fused_refusal(geo, measure, exact, impl)
+        refusal = _fused_refusal(geo, measure, exact)
         if refusal is not None:
             spec, path_why = None, f"{path_why}, but {refusal}"
     if measure is None:
@@ -317,14 +319,13 @@ def plan(
             p.reasons["path"] += f"; not the fused MLP path: {refusal}"
         if geo:
             p.reasons["geometry"] = _geometry_reason(geo, p.path)
-            return Plan(p.path, p.backend, p.estimator, p.n_probes, p.measure, p.reasons, p.precision,
-                        p.latent_shape, p.spec, p.backend_impl, p.compute_dtype, p.probe_distribution, geo)
+            return dataclasses.replace(p, geometry=geo)
         return p
     if impl is None:
         dtype = _check_params(spec, z, autocast)
         impl, backend_why = backends.select(z.device, dtype)
-    if geo.data is not None and not getattr(impl, "diagonal_data_metric", False):
-        # _fused_refusal checked that the torch twin has it
+    if geo.data is not None and not impl.diagonal_data_metric:
+        # the torch twin implements every fused op with the diagonal data metric
         impl, backend_why = backends.get("torch"), f"the {impl.name} backend has no diagonal data metric; its torch twin has"
     compute, precision, prec_why = _fused_precision(impl, z, dtype, autocast)
     fused_op = "mlp_pullback" if chosen == "exact" else "mlp_hutchinson"
