@@ -140,7 +140,7 @@ class _Gate(torch.autograd.Function):
     tangent rows ``s'(p) t``, written into one buffer (no concatenation, so the next layer call
     takes it as is). Backward: ``t_bar = s'(p) out_bar_t``,
     ``p_bar = s'(p) out_bar_p + s''(p) sum_k t_k out_bar_k`` and ``b_bar = p_bar`` summed to the
-    bias's shape."""
+    bias's shape. For activations with ``s'' != 0``; :class:`_SlopeGate` takes the others."""
 
     @staticmethod
     def forward(ctx: Any, rows: Tensor, bias: Tensor | None, act: Activation, bsz: int) -> Tensor:  # type: ignore[override]
@@ -149,8 +149,7 @@ class _Gate(torch.autograd.Function):
         out = torch.empty_like(rows)
         out[:bsz] = value
         _mul_into(slope, rows[bsz:].unflatten(0, (-1, bsz)), out[bsz:].unflatten(0, (-1, bsz)))
-        # s'' = 0 (ReLU-like): the backward needs only s'(p), not the tangent rows.
-        ctx.save_for_backward(p, rows if act.has_second_derivative else None)
+        ctx.save_for_backward(p, rows)
         ctx.act, ctx.bsz, ctx.bias_shape = act, bsz, None if bias is None else bias.shape
         return out
 
@@ -163,19 +162,65 @@ class _Gate(torch.autograd.Function):
         grad_t = grad[bsz:].unflatten(0, (-1, bsz))
         grad_rows = torch.empty_like(grad)
         _mul_into(slope, grad_t, grad_rows[bsz:].unflatten(0, (-1, bsz)))
-        grad_p = slope * grad[:bsz]
-        if rows is not None:
-            grad_p += curve * (rows[bsz:].unflatten(0, (-1, bsz)) * grad_t).sum(0)
+        grad_p = slope * grad[:bsz] + curve * (rows[bsz:].unflatten(0, (-1, bsz)) * grad_t).sum(0)
         grad_rows[:bsz] = grad_p
         grad_bias = None if ctx.bias_shape is None else grad_p.sum_to_size(ctx.bias_shape)
         return grad_rows, grad_bias, None, None
 
 
+class _SlopeGate(torch.autograd.Function):
+    """The gate of a piecewise-linear activation (``s'' = 0``: ReLU, leaky ReLU), in place.
+
+    ``rows ((1 + K) B, ...)``, the previous layer's fresh output (no other node saves it), is
+    gated where it lies: ``p = rows[:B] + b`` becomes ``s(p)`` and every tangent row is multiplied
+    by ``s'(p)``; only ``s'(p)`` is saved. Backward: every stream's gradient times ``s'(p)`` (for
+    the primal ``d s(p) / dp = s'(p)``, as ``s''`` vanishes), ``b_bar`` the primal's summed. One
+    output-sized buffer less per layer and per direction than :class:`_Gate`, which matters on the
+    CPU, where every fresh buffer above glibc's mmap threshold is paid in page faults.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, bias: Tensor | None, act: Activation, bsz: int) -> Tensor:  # type: ignore[override]
+        streams = rows.unflatten(0, (-1, bsz))
+        p = streams[0]
+        if bias is not None:
+            p.add_(bias)
+        slope = act.slope(p)
+        streams[1:].mul_(slope)
+        act.apply_(p)
+        ctx.mark_dirty(rows)
+        ctx.save_for_backward(slope)
+        ctx.bsz, ctx.bias_shape = bsz, None if bias is None else bias.shape
+        return rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (slope,) = ctx.saved_tensors
+        grad_streams = grad.unflatten(0, (-1, ctx.bsz)) * slope
+        grad_bias = None if ctx.bias_shape is None else grad_streams[0].sum_to_size(ctx.bias_shape)
+        return grad_streams.flatten(0, 1), grad_bias, None, None
+
+
+def _gate(rows: Tensor, bias: Tensor | None, act: Activation, bsz: int) -> Tensor:
+    gate = _Gate if act.has_second_derivative else _SlopeGate
+    return gate.apply(rows, bias, act, bsz)
+
+
 def _add_primal(rows: Tensor, bias: Tensor, bsz: int) -> Tensor:
-    """``rows`` with ``bias`` added to the primal rows ``[0, B)`` only (a bias no activation follows)."""
-    shift = torch.zeros((rows.shape[0] // bsz, 1, *bias.shape), dtype=rows.dtype, device=rows.device)
-    shift[0, 0] = bias
-    return (rows.unflatten(0, (-1, bsz)) + shift).flatten(0, 1)
+    """``rows`` with ``bias`` added to the primal rows ``[0, B)`` only (a bias no activation
+    follows), in place: ``rows`` is the affine layer's fresh output."""
+    rows[:bsz] += bias
+    return rows
+
+
+def _channels_last(rows: Tensor) -> Tensor:
+    """``rows (N, C, H, W)`` with channels-last strides. A ``1 x 1`` image is contiguous in both
+    formats, and oneDNN then reads it as the contiguous one and returns a contiguous output: the
+    strides are spelled out so the layer's output is channels-last too."""
+    rows = rows.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = rows.shape
+    return rows.as_strided(rows.shape, (c * h * w, 1, w * c, c)) if h == w == 1 else rows
 
 
 def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,7 +234,7 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
     bias: Tensor | None = None  # the last affine layer's bias, until an activation or a map takes it
     for step in spec.steps:
         if step.kind == "act":
-            rows, bias = _Gate.apply(rows, bias, step.act, bsz), None
+            rows, bias = _gate(rows, bias, step.act, bsz), None
             continue
         if bias is not None:
             rows, bias = _add_primal(rows, bias, bsz), None
@@ -200,7 +245,7 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
             if type(mod) in _CHANNELS_LAST and rows.device.type == "cpu":
                 # oneDNN computes 2-d convolutions channels-last and copies a contiguous input's
                 # result back (a full extra pass per layer): keep the rows channels-last instead.
-                rows = rows.contiguous(memory_format=torch.channels_last)
+                rows = _channels_last(rows)
             rows = _AFFINE[type(mod)](mod, rows)
             if mod.bias is not None:
                 # Linear biases broadcast over the last dim, convolution biases over channels (dim 1).

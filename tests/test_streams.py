@@ -11,7 +11,8 @@ from conftest import GRAD_RTOL, RTOL, pullback_brute_force, rel_err
 from torch import nn
 
 import isofast
-from isofast.streams import extract_sequential, tangent_images
+from isofast.activations import Activation
+from isofast.streams import _channels_last, _gate, _Gate, extract_sequential, tangent_images
 
 M = 3
 F64 = torch.float64
@@ -50,6 +51,12 @@ DECODERS: dict[str, Callable[[], nn.Sequential]] = {
                                           nn.Sigmoid()),
     "flatten_linear": lambda: _seq(nn.Unflatten(1, (M, 1, 1)), nn.ConvTranspose2d(M, 3, 3), nn.ReLU(), nn.Flatten(),
                                    nn.Linear(27, 6), nn.Dropout(0.0), nn.Identity(), nn.Sigmoid()),
+    # ReLU-like gates work in place: after a 1x1 transposed conv (channels-last rows), on a view
+    # (Unflatten), twice in a row, and after a bias with no activation before a map.
+    "piecewise_linear": lambda: _seq(nn.Unflatten(1, (M, 1, 1)), nn.ConvTranspose2d(M, 4, 2), nn.ReLU(),
+                                     nn.LeakyReLU(0.2), nn.ConvTranspose2d(4, 3, 2, stride=2), nn.Upsample(scale_factor=2),
+                                     nn.Flatten(), nn.Linear(192, 10), nn.Unflatten(1, (2, 5)), nn.LeakyReLU(-0.3),
+                                     nn.ReLU(), nn.Linear(5, 4)),
     "nested_act_first": lambda: _seq(nn.Tanh(), nn.Sequential(nn.Linear(M, 8), nn.Softplus(), nn.Unflatten(1, (2, 4))),
                                      nn.Conv1d(2, 2, 3), nn.GELU(approximate="tanh"), nn.Softplus()),
 }
@@ -82,6 +89,7 @@ def test_metric_matches_brute_force(name: str) -> None:
     lambda: _seq(nn.Unflatten(1, (M, 1, 1)), nn.ConvTranspose2d(M, 2, 2), nn.Softplus(),
                  nn.ConvTranspose2d(2, 1, 3, stride=2, padding=1, output_padding=1), nn.Sigmoid()),
     DECODERS["upsample_bilinear"],
+    DECODERS["piecewise_linear"],
 ])
 def test_gradcheck(make: Callable[[], nn.Sequential]) -> None:
     dec = make()
@@ -90,6 +98,26 @@ def test_gradcheck(make: Callable[[], nn.Sequential]) -> None:
     # gradcheck perturbs its inputs in place, so passing the parameters checks their gradients.
     z = _codes(bsz=2)
     assert torch.autograd.gradcheck(lambda z, *ps: isofast.pullback_metric(dec, z), (z, *dec.parameters()))
+
+
+@pytest.mark.parametrize("act", [Activation("relu"), Activation("leaky_relu", (0.1,))])
+def test_piecewise_linear_gate_is_in_place(act: Activation) -> None:
+    """ReLU-like gates reuse the previous layer's rows (no buffer per layer) and equal the general gate."""
+    rows = torch.randn(6, 3, 4, 4, dtype=F64).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(3, 1, 1, dtype=F64)
+    want = _Gate.apply(rows.clone(), bias, act, 2)
+    got = _gate(rows, bias, act, 2)
+    assert got.data_ptr() == rows.data_ptr() and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)
+
+
+def test_one_pixel_rows_get_channels_last_strides() -> None:
+    """A 1x1 image is contiguous in both formats; its strides are made channels-last so oneDNN
+    returns the layer's output channels-last (no conversion before the next layer)."""
+    rows = _channels_last(torch.randn(5, 7, 1, 1))
+    assert rows.stride() == (7, 1, 7, 7)
+    out = nn.functional.conv_transpose2d(rows, torch.randn(7, 3, 4, 4))
+    assert out.stride(1) == 1
 
 
 def test_primal_and_tangents_of_an_image_shaped_latent() -> None:
