@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import json
@@ -16,6 +17,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+import isofast  # noqa: E402
 from isofast.cli import main as cli_main  # noqa: E402
 from isofast.training import data as D  # noqa: E402
 from isofast.training.loop import TrainConfig, train, train_step  # noqa: E402
@@ -689,3 +691,24 @@ def test_resume_records_every_honoured_change(tmp_path):
     train(_tiny_config(tmp_path, epochs=2, checkpoint_every=3, device="cpu", resume=True))
     assert _config_json(tmp_path)["resumes"] == [{"from_epoch": 1, "changed": {"device": ["auto", "cpu"],
                                                                               "checkpoint_every": [1, 3]}}]
+
+
+def test_evaluate_builds_the_exact_metric_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held-out MCN / VoR take the exact metric EVAL_CHUNK codes at a time (one call over the whole
+    split would hold m tangent streams of every code at once), and agree with one call."""
+    from isofast.training import loop
+
+    model = build_model("irae", 64, 3, hidden=(16,), image_shape=(1, 8, 8), decoder="conv")
+    split = D.Split(torch.rand(300, 64), torch.zeros(300, dtype=torch.int64))
+    sizes: list[int] = []
+    real = isofast.pullback_metric
+
+    def spy(dec, z, **kw):  # type: ignore[no-untyped-def]
+        sizes.append(z.shape[0])
+        return real(dec, z, **kw)
+
+    monkeypatch.setattr(isofast, "pullback_metric", spy)
+    metrics, z, h = loop.evaluate(model, split, max_points=300)
+    assert max(sizes) <= loop.EVAL_CHUNK and sum(sizes) == 300
+    ref = real(copy.deepcopy(model.decoder).double(), z.double())
+    assert torch.allclose(h, ref)

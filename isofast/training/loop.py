@@ -295,6 +295,10 @@ def train_step(model: nn.Module, x: Tensor, optimizer: torch.optim.Optimizer, ti
     return {k: v.detach() for k, v in parts.items()}
 
 
+#: Codes per exact-metric call in :func:`evaluate`.
+EVAL_CHUNK = 128
+
+
 def evaluate(
     model: IsoAutoencoder,
     split: Split,
@@ -315,7 +319,9 @@ def evaluate(
         mse = float(((model.decoder(z) - split.x) ** 2).mean())
     z = z[:max_points]
     dec64 = copy.deepcopy(model.decoder).to(torch.float64)
-    h = isofast.pullback_metric(dec64, z.to(torch.float64)).detach()
+    # In chunks: the exact metric carries m tangent streams per code, so one call over 2000 codes of
+    # a conv decoder would hold gigabytes of float64 activations.
+    h = torch.cat([isofast.pullback_metric(dec64, c).detach() for c in z.to(torch.float64).split(EVAL_CHUNK)])
     out = {
         "mse": mse,
         "mcn": float(isofast.metrics.mean_condition_number(h)),
