@@ -221,7 +221,7 @@ def distortion(
             ``"hutchinson"`` (``Tr H = E||Jv||^2``, ``Tr H^2 = E||J^T J v||^2`` with ``v ~ N(0, I)``)
             or ``"auto"`` (fused path: exact for ``m <= isofast.planning.EXACT_MAX_LATENT``, else
             Hutchinson; generic path: exact for ``m <= GENERIC_EXACT_MAX_LATENT``, else forward).
-        n_probes: probes per sample ``K`` (default 1 for Hutchinson, ``FORWARD_PROBES`` for forward); refused with ``estimator="exact"``.
+        n_probes: probes per sample ``K`` (default 1 for Hutchinson, ``planning.auto_forward_probes(m)`` for forward: 8 up to m = 32, 16 above); refused with ``estimator="exact"``.
         probes: explicit probes ``(B, K, *latent_shape)``, read as independent ``N(0, I)`` draws
             (a ``generator`` reproduces the default draws instead).
         generator: drives the mixup and probe draws, on ``z``'s device.

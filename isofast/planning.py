@@ -27,17 +27,26 @@ from isofast.streams import SequentialSpec, plan_sequential
 #: ``estimator="exact"`` to buy zero variance at larger m.
 EXACT_MAX_LATENT = 2
 
-#: The generic and stream paths' ``auto``: the first-order ``forward`` estimator on
-#: :data:`FORWARD_PROBES` orthonormal probe directions per sample, and the exact metric wherever
-#: ``m`` is no more than those ``K`` (a full frame is exact, at the same cost). With orthonormal
-#: frames the parameter-gradient variance falls about fourfold per doubling of ``K`` while the
-#: cost doubles; at ``K = 8`` and ``m = 16`` it leaves less variance per unit time than the
-#: official one-probe recipe on the conv (generic and stream path) and attention decoders of
-#: benchmarks/results/estimator_choice.md, at 1.2-1.9 times its time per step. The VJP
-#: (Hutchinson) estimator needs a double backward, so ``auto`` never takes it unless one probe
-#: is given.
+#: The generic and stream paths' ``auto``: the first-order ``forward`` estimator on orthonormal probe
+#: directions per sample (:data:`FORWARD_PROBES`, :data:`FORWARD_PROBES_WIDE` above
+#: :data:`WIDE_LATENT`), and the exact metric wherever ``m`` is no more than those ``K`` (a full frame
+#: is exact, at the same cost). Chosen by gradient variance per unit time
+#: (benchmarks/results/estimator_choice*.md: an MLP, the DeConvNet28-style conv decoder on the generic
+#: and stream paths, a residual GroupNorm/attention decoder; at initialisation and after regularising
+#: each to MCN 1.5): at m = 16 K = 8 leaves 3-6 times less than K = 4, 15-30 times less than K = 2
+#: and less than the official one-probe recipe; at m = 64 and 256 K = 16 leaves 2-3 times less than
+#: K = 8. K = 2 is the fast setting per step (``n_probes=2``), at 6-16 times the official recipe's
+#: gradient variance per unit time at m = 16 (more at larger m). The VJP (Hutchinson) estimator, best per unit time at m >= 64, needs a double
+#: backward, so ``auto`` never takes it unless one probe is given.
 FORWARD_PROBES = 8
+FORWARD_PROBES_WIDE = 16
+WIDE_LATENT = 32
 GENERIC_EXACT_MAX_LATENT = FORWARD_PROBES
+
+
+def auto_forward_probes(m: int) -> int:
+    """``K`` of ``auto``'s forward estimator at latent width ``m``."""
+    return FORWARD_PROBES if m <= WIDE_LATENT else FORWARD_PROBES_WIDE
 
 #: The largest exact pullback metric the generic path builds: ``B m^2`` entries.
 MAX_METRIC_ENTRIES = 2**28
@@ -192,8 +201,9 @@ def _estimator(
                                     f"streams cost no more than the forward estimator's {FORWARD_PROBES} and have no variance")
         else:
             chosen, why = "forward", (f"auto (generic): m = {m} > {GENERIC_EXACT_MAX_LATENT}, the first-order estimator with "
-                                      f"{FORWARD_PROBES} probes (no double backward; isofast.planning.FORWARD_PROBES; "
-                                      f"n_probes=2 is about twice as fast per step, with more gradient variance per unit time)")
+                                      f"{auto_forward_probes(m)} probe directions, the least gradient variance per unit time "
+                                      f"without a double backward (isofast.planning.auto_forward_probes; n_probes=2 is "
+                                      f"faster per step, with several times the gradient variance per unit time)")
     else:
         chosen, why = estimator, "requested"
     if chosen == "exact" and n_probes is not None:
@@ -307,7 +317,7 @@ def plan(
         chosen, est_why = "exact", "the pullback metric is computed exactly"
     else:
         chosen, est_why = _estimator(estimator, measure, m, probes, n_probes, spec is not None)
-    default_k = FORWARD_PROBES if chosen == "forward" else 1
+    default_k = auto_forward_probes(m) if chosen == "forward" else 1
     k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or default_k))
     if chosen == "forward" and k < 2:
         raise ValueError(f"estimator='forward' needs n_probes >= 2 (pairs of probes estimate Tr H^2), got {k}")

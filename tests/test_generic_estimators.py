@@ -84,6 +84,11 @@ def test_auto_on_the_generic_path_and_forward_on_an_mlp():
     assert p.estimator == "exact"
     p = isofast.plan(large, torch.randn(4, edge + 1, dtype=torch.float64))
     assert (p.estimator, p.n_probes) == ("forward", isofast.planning.FORWARD_PROBES)
+    wide = isofast.planning.WIDE_LATENT
+    p = isofast.plan(ConvDecoder(wide), torch.randn(4, wide, dtype=torch.float64))
+    assert p.n_probes == isofast.planning.FORWARD_PROBES
+    p = isofast.plan(ConvDecoder(wide + 1), torch.randn(4, wide + 1, dtype=torch.float64))
+    assert (p.estimator, p.n_probes) == ("forward", isofast.planning.FORWARD_PROBES_WIDE)
     mlp = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
     p = isofast.plan(mlp, torch.randn(4, 3, dtype=torch.float64), estimator="forward", n_probes=3)
     # The stream path carries an MLP's tangent images too, and has the forward estimator.
