@@ -14,8 +14,9 @@ estimators of the per-sample traces ``Tr H_b`` and ``Tr H_b^2`` of ``H = J^T J``
   ``Var = [2 (Tr H^2)^2 + (4K - 2) Tr H^4] / (K (K - 1) / 2)`` for the ``Tr H^2`` estimate
   (``Var (u^T H v)^2 = 2 (Tr H^2)^2 + 6 Tr H^4``, and pairs sharing one probe covary by
   ``2 Tr H^4``) and ``2 Tr H^2 / K`` for ``Tr H``;
-- ``hutchinson`` (the official recipe): ``Tr H^2 = mean_k ||J^T a_k||^2`` by one VJP per probe,
-  with ``create_graph=True`` (a double backward when the loss is differentiated).
+- ``hutchinson`` (the official recipe's estimator): ``Tr H^2 = mean_k ||J^T a_k||^2`` by one VJP
+  per probe, first order: the VJP is a constant ``h``, and a second tangent image ``J h`` carries
+  the gradient (:func:`hutchinson_traces`).
 
 Scale: the tangent images are divided by a detached batch scale ``s = max |J v|`` (all-reduced
 over ranks when synced) before anything is squared, so Grams and traces are O(1) in fp32 for any
@@ -153,36 +154,57 @@ def forward_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | 
     return Scaled(im.s * im.s, tr=tr, tr2=tr2)
 
 
-def _vjp(primal: Tensor, zg: Tensor, cot: Tensor) -> Tensor | None:
+def _vjp(primal: Tensor, zg: Tensor, cot: Tensor, create_graph: bool) -> Tensor | None:
     """``J^T c`` for cotangents ``cot (K, B, D)``, ``(K, *z.shape)`` or ``None`` where the
-    output does not depend on ``z``; with ``create_graph`` (differentiating it is a double backward)."""
+    output does not depend on ``z``; with ``create_graph`` differentiating it is a double backward,
+    without it the result is a constant and the primal's graph is kept for the caller. One backward
+    per cotangent: a vmapped backward (``is_grads_batched``) fails on custom autograd functions
+    without batching rules, the stream path's gates among them."""
     if not primal.requires_grad:
         return None
-    if cot.shape[0] == 1:  # one plain VJP; the batched form vmaps the backward
-        (g,) = torch.autograd.grad(primal, zg, cot[0], create_graph=True, allow_unused=True)
-        return None if g is None else g.unsqueeze(0)
-    (g,) = torch.autograd.grad(primal, zg, cot, create_graph=True, is_grads_batched=True, allow_unused=True)
-    return g
+    out = []
+    for c in cot:
+        (g,) = torch.autograd.grad(primal, zg, c, create_graph=create_graph, retain_graph=True, allow_unused=True)
+        if g is None:
+            return None
+        out.append(g)
+    return torch.stack(out)
 
 
 def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object | None = None,
                       geo: Geometry = IDENTITY) -> Scaled:
-    """``Tr H = mean ||J v||^2`` and ``Tr H^2 = mean ||J^T J v||^2`` (scaled), one VJP per probe;
-    with a geometry, of the whitened ``J~ = R J S`` (``||S^T J^T G J S u||^2``)."""
+    """``Tr H = mean ||J v||^2`` and ``Tr H^2 = mean ||J^T J v||^2`` (scaled), one VJP per probe,
+    first order; with a geometry, of the whitened ``J~ = R J S`` (``||S^T J^T G J S u||^2``).
+
+    With ``a = J~ u`` (a tangent image), ``h = J~^T a = H~ u`` (a VJP *without* a graph, so a
+    constant) and ``b = J~ h`` (a second tangent image): ``a . b = u^T H~^2 u``, and with ``h``
+    held fixed ``d (a . b) = u^T dH~ H~ u``, half the derivative of ``u^T H~^2 u``. So
+    ``2 a.b - sg(a.b)`` has the value and the gradient (in ``z`` and the parameters) of the
+    official recipe's ``||J^T J u||^2``, from forward-mode products and one plain VJP: no double
+    backward (docs/maths.md section 3). For a product-form data metric ``a . b`` is ``(G a) . b``.
+    """
     with torch.enable_grad():  # the VJP needs a graph even when the caller evaluates under no_grad
         zg = z if z.requires_grad else z.detach().requires_grad_()
         whitening = geo.whitening(zg)
         im = _normalised_images(decoder, zg, _vectors(zg, probes, whitening), group, geo)
         k, bsz = probes.shape[1], z.shape[0]
-        # J^T (R^T a) is linear in a = R J S v / s, so it is J^T G J S v / s
-        jta = _vjp(im.primal, zg, im.cotangent(geo).transpose(0, 1).to(im.primal.dtype))
-        jta = torch.zeros(k, *z.shape, dtype=im.a.dtype, device=z.device) if jta is None else _acc(jta)
-        jta = (jta / im.s).reshape(k, bsz, -1).transpose(0, 1)  # (B, K, m); ||.||^2 / s^4 as the Scaled units ask
-        if whitening is not None:
-            jta = whiten_covectors(whitening, jta)
+        cot = im.cotangent(geo).detach()
+        # h = J^T R^T a / s = H~ u / s after the latent whitening: a constant covector
+        h = _vjp(im.primal, zg, cot.transpose(0, 1).to(im.primal.dtype), create_graph=False)
         with torch.autocast(z.device.type, enabled=False):
             tr = im.sqnorm().mean(-1)
-            tr2 = tangent_sqnorm(jta).mean(-1)
+        if h is None:  # the output does not depend on z: H = 0
+            return Scaled(im.s * im.s, tr=tr, tr2=torch.zeros_like(tr))
+        h = _acc(h).reshape(k, bsz, -1).transpose(0, 1)  # (B, K, m)
+        if whitening is not None:
+            h = whiten_covectors(whitening, h).detach()  # held constant: S(z)'s derivative enters through b
+        hs = _scale(h, group)  # keeps the second images O(1) for any Jacobian scale
+        seeds = (h / hs).reshape(bsz, k, *z.shape[1:]).to(z.dtype)
+        im2 = _normalised_images(decoder, zg, _vectors(zg, seeds, whitening), group, geo)
+        with torch.autocast(z.device.type, enabled=False):
+            # im.a = J~ u / s, seeds = H~ u / (s hs), im2.a = J~ seeds / s2: a . b = u^T H~^2 u / (s^2 hs s2)
+            ab = ((im.a if im.ga is None else im.ga) * im2.a).sum(-1)
+            tr2 = (2 * ab - ab.detach()).mean(-1) * (hs * im2.s / (im.s * im.s))
     return Scaled(im.s * im.s, tr=tr, tr2=tr2)
 
 
@@ -214,7 +236,7 @@ def path_lengths(decoder: Decoder, z: Tensor, estimator: str, generator: torch.G
             geo.data.check_size(primal.shape[-1])
         noise = _path_noise(bsz, primal.shape[-1], primal, generator)
         cot = noise if geo.data is None else geo.data.cotangent(noise)
-        g = _vjp(primal, zg, cot.unsqueeze(0))
+        g = _vjp(primal, zg, cot.unsqueeze(0), create_graph=True)
         g = torch.zeros(1, *z.shape, dtype=acc_dtype(z.dtype), device=z.device) if g is None else _acc(g)
         g = g.reshape(1, z.shape[0], -1).transpose(0, 1)  # (B, 1, m)
         if whitening is not None:

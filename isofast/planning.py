@@ -187,8 +187,8 @@ def _estimator(
                 return "hutchinson", "probes were given (estimator='forward' takes them too)"
             if probes.shape[1] >= 2:
                 return "forward", "auto: probes were given, K >= 2: the first-order estimator on their pairs"
-            return "hutchinson", ("one probe was given: Hutchinson, whose VJP is a double backward off the fused path; "
-                                  "give K >= 2 probes (or none) to stay first order")
+            return "hutchinson", ("one probe was given: Hutchinson (first order: a plain VJP and a second tangent "
+                                  "image per probe, no double backward)")
     if estimator == "auto":
         if measure in EXACT_ONLY:
             chosen, why = "exact", f"measure {measure!r} needs the exact metric"
@@ -390,7 +390,7 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
         if params and params[0].dtype != z.dtype:
             raise TypeError(f"z must have the decoder's dtype {params[0].dtype}, got {z.dtype}")
     precision, prec_why = _generic_precision(z, autocast)
-    seq, path_why = plan_sequential(decoder, z, chosen, path_why)
+    seq, path_why = plan_sequential(decoder, z, chosen, path_why, graph_vjp=chosen == "hutchinson" and measure in PATH_MEASURES)
     if seq is not None:
         return Plan("fused_sequential", "torch", chosen, k, measure,
                     {"path": f"fused_sequential: {path_why}",

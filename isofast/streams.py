@@ -258,9 +258,9 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
     return primal, tangents.unflatten(0, (k, bsz)).transpose(0, 1)
 
 
-#: Estimators the stream path computes: both need only the tangent images
-#: (:mod:`isofast.generic` reduces them, as for any decoder).
-ESTIMATORS = ("exact", "forward")
+#: Estimators the stream path computes: all need only the tangent images and, for Hutchinson, a
+#: plain VJP through them (:mod:`isofast.generic` reduces them, as for any decoder).
+ESTIMATORS = ("exact", "forward", "hutchinson")
 
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
               nn.ConvTranspose3d: 3}
@@ -282,15 +282,18 @@ def _check_inputs(spec: SequentialSpec, z: Tensor) -> None:
                              f"first {type(first).__name__}, got {tuple(z.shape)}")
 
 
-def plan_sequential(decoder: object, z: Tensor, estimator: str, mlp_why: str) -> tuple[SequentialSpec | None, str]:
+def plan_sequential(decoder: object, z: Tensor, estimator: str, mlp_why: str,
+                    graph_vjp: bool = False) -> tuple[SequentialSpec | None, str]:
     """The planner's question: does this call take the stream path? ``(spec, reason)``, or
-    ``(None, why not)`` where ``mlp_why`` is why the fused MLP path did not take it."""
+    ``(None, why not)`` where ``mlp_why`` is why the fused MLP path did not take it. ``graph_vjp``:
+    the call differentiates a VJP again (the path length's Hutchinson recipe), which runs the
+    decoder itself."""
     spec, why = extract_sequential(decoder)
     if spec is None:
         sequential = isinstance(decoder, nn.Sequential) or callable(getattr(decoder, "isofast_sequential", None))
         return None, f"{mlp_why}; stream path: {why}" if sequential else mlp_why
-    if estimator not in ESTIMATORS:
-        return None, (f"{why}, but estimator {estimator!r} needs a VJP through the decoder, which the "
-                      f"stream path does not compute ({'/'.join(ESTIMATORS)} only)")
+    if estimator not in ESTIMATORS or graph_vjp:
+        return None, (f"{why}, but estimator {estimator!r} differentiates a VJP through the decoder, which the "
+                      f"stream path does not compute")
     _check_inputs(spec, z)
     return spec, why

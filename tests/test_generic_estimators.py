@@ -145,7 +145,7 @@ def _grads(loss, params):
             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
 
 
-def test_the_forward_estimator_needs_no_double_backward():
+def test_forward_and_hutchinson_need_no_double_backward():
     dec = _OnceDecoder().double()
     plain = torch.nn.Sequential(dec.a, torch.nn.Tanh(), dec.b)
     z = torch.randn(4, 3, dtype=torch.float64)
@@ -158,7 +158,8 @@ def test_the_forward_estimator_needs_no_double_backward():
 
     for g, r in zip(_grads(loss(dec, "forward"), params), _grads(loss(plain, "forward"), params)):
         assert rel_err(g, r) < 1e-10
-    # Hutchinson's VJP is differentiated again: through the once-differentiable tanh its gradient
-    # misses the path through the backward formula.
+    # Hutchinson's VJP is a constant (no graph): a once-differentiable decoder gets its exact gradient
+    # (isofast 0.1 differentiated the VJP again and missed the path through the backward formula).
     hutch, ref = _grads(loss(dec, "hutchinson"), params), _grads(loss(plain, "hutchinson"), params)
-    assert any(rel_err(g, r) > 1e-3 for g, r in zip(hutch, ref))
+    for g, r in zip(hutch, ref):
+        assert rel_err(g, r) < 1e-10

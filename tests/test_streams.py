@@ -11,6 +11,7 @@ from conftest import GRAD_RTOL, RTOL, pullback_brute_force, rel_err
 from torch import nn
 
 import isofast
+from isofast import baselines
 from isofast.activations import Activation
 from isofast.streams import _channels_last, _gate, _Gate, extract_sequential, tangent_images
 
@@ -193,9 +194,11 @@ def test_plan_reasons_of_the_stream_path() -> None:
     p = isofast.plan(dec, _codes(), estimator="exact")
     assert p.reasons["path"].startswith("fused_sequential: Sequential is an nn.Sequential of 6 stream-carried layers")
     assert "Conv2d" in p.reasons["path"] and "B (1 + K) rows" in p.reasons["backend"]
-    # Hutchinson's Tr H^2 needs J^T J v, a VJP the stream path does not carry: the generic path runs it.
-    p = isofast.plan(dec, _codes(), estimator="hutchinson")
-    assert p.path == "generic" and "needs a VJP through the decoder" in p.reasons["path"]
+    # Hutchinson's Tr H^2 takes a plain VJP through the streams: the stream path runs it. The path
+    # length's Hutchinson recipe differentiates its VJP again, which needs the decoder itself.
+    assert isofast.plan(dec, _codes(), estimator="hutchinson").path == "fused_sequential"
+    p = isofast.plan(dec, _codes(), "path_length", estimator="hutchinson")
+    assert p.path == "generic" and "differentiates a VJP" in p.reasons["path"]
     # MLPs keep the fused MLP path; a plain function never reaches the stream recogniser's reasons.
     mlp = _seq(nn.Linear(M, 7), nn.Softplus(), nn.Linear(7, 5))
     assert isofast.plan(mlp, _codes(), estimator="exact").path == "fused_mlp"
@@ -243,3 +246,20 @@ def test_training_conv_decoder_opts_in() -> None:
         z = torch.randn(bsz, 2, dtype=F64)
         assert isofast.plan(dec, z, measure=None).path == "fused_sequential"
         assert rel_err(isofast.pullback_metric(dec, z), pullback_brute_force(dec, z)) < RTOL[F64]
+
+
+@pytest.mark.parametrize("name", ["conv_transpose2d", "piecewise_linear", "upsample_bilinear"])
+def test_hutchinson_equals_the_official_recipe(name: str) -> None:
+    """Hutchinson on the stream path (a plain VJP through the streams, a second tangent image) has
+    the official recipe's value and gradients on the same probe, without its double backward."""
+    dec = DECODERS[name]()
+    z = _codes(bsz=5)
+    u = torch.randn(5, 1, M, dtype=F64, generator=torch.Generator().manual_seed(3))
+    assert isofast.plan(dec, z, estimator="hutchinson", probes=u).path == "fused_sequential"
+    got = isofast.relaxed_distortion(dec, z, eta=None, estimator="hutchinson", probes=u)
+    want = baselines.official_relaxed_distortion(dec, z, u[:, 0])
+    assert rel_err(got, want) < RTOL[F64]
+    params = [z, *dec.parameters()]
+    for g, r in zip(torch.autograd.grad(got, params, allow_unused=True, materialize_grads=True),
+                    torch.autograd.grad(want, params, allow_unused=True, materialize_grads=True)):
+        assert rel_err(g, r) < GRAD_RTOL[F64]
