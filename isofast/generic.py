@@ -101,12 +101,33 @@ class Images:
         return self.a if geo.data is None else geo.data.cotangent(self.a)
 
 
+class _Repeat:
+    """The generic path's :class:`isofast.streams.Carrier`: forward mode cannot resume from a
+    finished primal pass, so every call of ``tangents`` runs the decoder again (``primal`` is the
+    first call's)."""
+
+    def __init__(self, decoder: Decoder, z: Tensor) -> None:
+        self.decoder, self.z, self.primal = decoder, z, None
+
+    def tangents(self, vectors: Tensor) -> Tensor:
+        primal, jv = tangent_images(self.decoder, self.z, vectors)
+        if self.primal is None:
+            self.primal = primal
+        return jv
+
+
 def _normalised_images(decoder: Decoder, z: Tensor, vectors: Tensor, group: object | None,
-                       geo: Geometry = IDENTITY) -> Images:
-    """Tangent images of ``vectors (B, K, *latent_shape)`` (already whitened on the latent side)."""
-    # The stream path hands its layers (a SequentialSpec) instead of the decoder: same contract.
-    images = streams.tangent_images if isinstance(decoder, streams.SequentialSpec) else tangent_images
-    primal, jv = images(decoder, z, vectors)
+                       geo: Geometry = IDENTITY, carrier: streams.Carrier | _Repeat | None = None) -> Images:
+    """Tangent images of ``vectors (B, K, *latent_shape)`` (already whitened on the latent side),
+    in one pass with the primal, or through ``carrier``'s kept primal pass."""
+    if carrier is not None:
+        jv = carrier.tangents(vectors)
+        primal = carrier.primal
+        assert primal is not None
+    else:
+        # The stream path hands its layers (a SequentialSpec) instead of the decoder: same contract.
+        images = streams.tangent_images if isinstance(decoder, streams.SequentialSpec) else tangent_images
+        primal, jv = images(decoder, z, vectors)
     jv, ga = _acc(jv), None
     if geo.data is not None:
         geo.data.check_size(jv.shape[-1])
@@ -186,7 +207,9 @@ def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object
     with torch.enable_grad():  # the VJP needs a graph even when the caller evaluates under no_grad
         zg = z if z.requires_grad else z.detach().requires_grad_()
         whitening = geo.whitening(zg)
-        im = _normalised_images(decoder, zg, _vectors(zg, probes, whitening), group, geo)
+        # the primal once (stream path) for both tangent images
+        carrier = streams.Carrier(decoder, zg) if isinstance(decoder, streams.SequentialSpec) else _Repeat(decoder, zg)
+        im = _normalised_images(decoder, zg, _vectors(zg, probes, whitening), group, geo, carrier)
         k, bsz = probes.shape[1], z.shape[0]
         cot = im.cotangent(geo).detach()
         # h = J^T R^T a / s = H~ u / s after the latent whitening: a constant covector
@@ -200,7 +223,7 @@ def hutchinson_traces(decoder: Decoder, z: Tensor, probes: Tensor, group: object
             h = whiten_covectors(whitening, h).detach()  # held constant: S(z)'s derivative enters through b
         hs = _scale(h, group)  # keeps the second images O(1) for any Jacobian scale
         seeds = (h / hs).reshape(bsz, k, *z.shape[1:]).to(z.dtype)
-        im2 = _normalised_images(decoder, zg, _vectors(zg, seeds, whitening), group, geo)
+        im2 = _normalised_images(decoder, zg, _vectors(zg, seeds, whitening), group, geo, carrier)
         with torch.autocast(z.device.type, enabled=False):
             # im.a = J~ u / s, seeds = H~ u / (s hs), im2.a = J~ seeds / s2: a . b = u^T H~^2 u / (s^2 hs s2)
             ab = ((im.a if im.ga is None else im.ga) * im2.a).sum(-1)

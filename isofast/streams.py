@@ -51,6 +51,30 @@ _AFFINE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     },
 }
 _CHANNELS_LAST = (nn.Conv2d, nn.ConvTranspose2d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _pixel_expansion(mod: nn.Module, x: Tensor) -> bool:
+    """Whether ``mod`` maps a one-pixel input by a plain matrix product: a transposed convolution
+    with no padding, groups or dilation on a ``1 x ... x 1`` image (a DCGAN-style first layer)."""
+    return (type(mod) in _TRANSPOSED and all(n == 1 for n in x.shape[2:]) and not any(mod.padding)
+            and not any(mod.output_padding) and mod.groups == 1 and all(d == 1 for d in mod.dilation))
+
+
+def _affine(mod: nn.Module, x: Tensor, bias: bool) -> Tensor:
+    """``W x`` (``W x + b`` with ``bias``) of an affine layer over all rows of ``x``. A one-pixel
+    transposed convolution is the GEMM ``x (N, C_in) @ W (C_in, C_out * k)``: the same sums as the
+    convolution call, which oneDNN runs several times slower for this shape."""
+    if _pixel_expansion(mod, x):
+        w = mod.weight  # (C_in, C_out, *k), multiplied as (C_in, *k, C_out) so the output is channels-last
+        nd = w.dim() - 2
+        wl = w.permute(0, *range(2, 2 + nd), 1)
+        out = (x.flatten(1) @ wl.reshape(w.shape[0], -1)).view(x.shape[0], *wl.shape[1:])
+        out = out.permute(0, nd + 1, *range(1, nd + 1))
+        return out + mod.bias.view(-1, *[1] * nd) if bias and mod.bias is not None else out
+    if bias:
+        return mod(x)
+    return _AFFINE[type(mod)](mod, x)
 #: Linear per-sample maps run unchanged over all rows (every interpolation mode is linear in its input).
 _LINEAR_MAPS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Flatten, nn.Unflatten)
 _INTERPOLATION = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
@@ -246,7 +270,7 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
                 # oneDNN computes 2-d convolutions channels-last and copies a contiguous input's
                 # result back (a full extra pass per layer): keep the rows channels-last instead.
                 rows = _channels_last(rows)
-            rows = _AFFINE[type(mod)](mod, rows)
+            rows = _affine(mod, rows, bias=False)
             if mod.bias is not None:
                 # Linear biases broadcast over the last dim, convolution biases over channels (dim 1).
                 bias = mod.bias if type(mod) is nn.Linear else mod.bias.view(-1, *[1] * (rows.dim() - 2))
@@ -256,6 +280,65 @@ def tangent_images(spec: SequentialSpec, z: Tensor, vectors: Tensor) -> tuple[Te
         rows = _add_primal(rows, bias, bsz)
     primal, tangents = rows.flatten(1).split([bsz, k * bsz])
     return primal, tangents.unflatten(0, (k, bsz)).transpose(0, 1)
+
+
+class Carrier:
+    """The primal pass of a decoder's layers, kept so tangent streams can be carried through it
+    later: ``Carrier(spec, z).primal (B, D)``, then ``tangents(V (B, K, *latent)) -> (B, K, D)``
+    as often as needed.
+
+    For tangents that depend on the primal's own VJP (Hutchinson's ``J (J^T J u)``) and so cannot
+    ride along with it as rows of one call: each later stream costs its ``B K`` rows through the
+    layers (no bias, gated by ``s'`` of the recorded pre-activations, which stay in the graph so a
+    smooth activation's ``s''`` reaches the parameters), never the primal again.
+    """
+
+    def __init__(self, spec: SequentialSpec, z: Tensor) -> None:
+        self.spec, self.bsz = spec, z.shape[0]
+        self.pre: list[Tensor] = []  # pre-activation of every "act" step, in order
+        x = z
+        for step in spec.steps:
+            if step.kind == "act":
+                self.pre.append(x)
+                x = step.act(x)  # type: ignore[misc]
+            else:
+                if type(step.module) in _CHANNELS_LAST and x.device.type == "cpu":
+                    x = _channels_last(x)
+                x = step.module(x) if step.kind == "map" else _affine(step.module, x, bias=True)
+        self.primal = x.flatten(1)
+        self._slopes: list[Tensor] | None = None
+
+    def _slope_list(self) -> list[Tensor]:
+        """``s'`` of every recorded pre-activation, computed once for all streams: a constant mask
+        for piecewise-linear activations, a function of the pre-activation (in the graph, so a
+        smooth activation's ``s''`` reaches the parameters) otherwise."""
+        if self._slopes is None:
+            acts = [st.act for st in self.spec.steps if st.kind == "act"]
+            self._slopes = [a.derivatives(p, order=1)[1] if a.has_second_derivative else a.slope(p.detach())
+                            for a, p in zip(acts, self.pre)]  # type: ignore[union-attr]
+        return self._slopes
+
+    def tangents(self, vectors: Tensor) -> Tensor:
+        """``J V (B, K, D)`` for ``vectors (B, K, *latent)``, differentiable by reverse mode."""
+        k, bsz = vectors.shape[1], self.bsz
+        rows = vectors.transpose(0, 1).flatten(0, 1)
+        slopes = iter(self._slope_list())
+        fresh = False  # rows is a buffer of this pass (not the caller's vectors)
+        for step in self.spec.steps:
+            if step.kind == "act":
+                slope, streams = next(slopes), rows.unflatten(0, (k, bsz))
+                if fresh and not slope.requires_grad:  # a constant mask: gate in place
+                    streams.mul_(slope)
+                else:
+                    rows, fresh = (streams * slope).flatten(0, 1), True
+            elif step.kind == "map":
+                rows = step.module(rows)
+            else:
+                fresh = True
+                if type(step.module) in _CHANNELS_LAST and rows.device.type == "cpu":
+                    rows = _channels_last(rows)
+                rows = _affine(step.module, rows, bias=False)
+        return rows.flatten(1).unflatten(0, (k, bsz)).transpose(0, 1)
 
 
 #: Estimators the stream path computes: all need only the tangent images and, for Hutchinson, a

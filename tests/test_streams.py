@@ -13,7 +13,7 @@ from torch import nn
 import isofast
 from isofast import baselines
 from isofast.activations import Activation
-from isofast.streams import _channels_last, _gate, _Gate, extract_sequential, tangent_images
+from isofast.streams import _affine, _channels_last, _gate, _Gate, _pixel_expansion, extract_sequential, tangent_images
 
 M = 3
 F64 = torch.float64
@@ -263,3 +263,19 @@ def test_hutchinson_equals_the_official_recipe(name: str) -> None:
     for g, r in zip(torch.autograd.grad(got, params, allow_unused=True, materialize_grads=True),
                     torch.autograd.grad(want, params, allow_unused=True, materialize_grads=True)):
         assert rel_err(g, r) < GRAD_RTOL[F64]
+
+
+@pytest.mark.parametrize("mod", [nn.ConvTranspose1d(3, 4, 5), nn.ConvTranspose2d(3, 4, (2, 3), stride=2),
+                                 nn.ConvTranspose3d(3, 2, 2)])
+def test_one_pixel_transposed_conv_is_a_matrix_product(mod: nn.Module) -> None:
+    """A transposed conv of a one-pixel image runs as a GEMM: the module's output (with and without
+    its bias), channels-last for 2-d."""
+    mod = mod.to(F64)
+    x = torch.randn(6, 3, *[1] * (mod.weight.dim() - 2), dtype=F64)
+    assert _pixel_expansion(mod, x)
+    assert rel_err(_affine(mod, x, bias=True), mod(x)) < RTOL[F64]
+    assert rel_err(_affine(mod, x, bias=False), mod(x) - mod.bias.view(-1, *[1] * (x.dim() - 2))) < RTOL[F64]
+    if x.dim() == 4:
+        assert _affine(mod, x, bias=False).stride(1) == 1
+    padded = nn.ConvTranspose2d(3, 4, 3, padding=1).to(F64)
+    assert not _pixel_expansion(padded, torch.randn(2, 3, 1, 1, dtype=F64))
