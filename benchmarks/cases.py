@@ -186,8 +186,9 @@ CORE = ("official", "forward_ad", "isofast-torch-exact", "isofast-torch-hutch-K1
 SWEEP = (*CORE, "isofast-torch-hutch-K4")
 #: The competitors of the conv and attention cases: the official recipe (the attention case also
 #: with PyTorch's math attention kernel forced), today's generic path, the stream path, the
-#: first-order estimator once isofast has it, and what ``estimator="auto"`` runs.
-DECODER_CORE = ("official", "generic-hutch-K1", "isofast-forward-K2", "isofast-forward-K4", "isofast-auto")
+#: first-order estimator once isofast has it, its first-order Hutchinson, and what ``estimator="auto"`` runs.
+DECODER_CORE = ("official", "generic-hutch-K1", "isofast-hutch-K1", "isofast-forward-K2", "isofast-forward-K4",
+                "isofast-auto")
 CONV = (*DECODER_CORE, "generic-exact", "isofast-seq-exact")
 ATTENTION = (*DECODER_CORE, "official-math-sdpa")
 

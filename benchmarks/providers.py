@@ -179,6 +179,17 @@ def _forward_estimator(k: int) -> Callable[[Inputs, torch.device], Runner]:
     return build
 
 
+def _hutchinson(inputs: Inputs, device: torch.device) -> Runner:
+    """isofast's ``estimator="hutchinson"`` on the official recipe's probe (first order off the fused
+    path: same value and gradient), where this isofast plans it first order."""
+    v = inputs.probes[:, :1].contiguous()
+    p = isofast.plan(inputs.decoder, inputs.z, eta=None, estimator="hutchinson", probes=v)
+    if p.path == "fused_mlp":
+        raise Skip("the fused MLP path runs its own Hutchinson kernels (the isofast-<backend>-hutch providers)")
+    return _torch_runner(lambda d, z: isofast.relaxed_distortion(d, z, eta=None, estimator="hutchinson", probes=v),
+                         inputs, device)
+
+
 def _auto(inputs: Inputs, device: torch.device) -> Runner:
     """What ``isofast.relaxed_distortion(decoder, z)`` runs by default (fresh probes per call)."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -250,6 +261,8 @@ def all_providers() -> dict[str, Provider]:
         Provider("isofast-seq-exact", "exact", _stream_exact, note="fused_sequential path: m tangent streams as rows"),
         *[Provider(f"isofast-forward-K{k}", "forward", _forward_estimator(k), n_probes=k,
                    note=f"estimator='forward' (first-order), K={k}") for k in (2, 4)],
+        Provider("isofast-hutch-K1", "hutchinson", _hutchinson, n_probes=1,
+                 note="estimator='hutchinson' (first order), the official recipe's probe"),
         Provider("isofast-auto", "auto", _auto, note="relaxed_distortion with estimator='auto'"),
         Provider("jax", "hutchinson", _jax, note="jax.jit of jvp + vjp"),
     ]
