@@ -17,7 +17,7 @@ from isofast.backends.base import Backend, acc_dtype, autocast_dtype
 from isofast.geometry import IDENTITY, Geometry
 from isofast.measures import EXACT_ONLY, MEASURES, PATH_MEASURES
 from isofast.mlp import MLPSpec, extract_mlp
-from isofast.streams import SequentialSpec, plan_sequential
+from isofast.streams import SequentialSpec, extract_sequential, plan_sequential
 
 #: ``estimator="auto"`` takes the exact metric up to this latent width and Hutchinson above it:
 #: exact wherever it costs no more than the official one-probe Hutchinson estimator. Measured
@@ -27,26 +27,36 @@ from isofast.streams import SequentialSpec, plan_sequential
 #: ``estimator="exact"`` to buy zero variance at larger m.
 EXACT_MAX_LATENT = 2
 
-#: The generic and stream paths' ``auto``: the first-order ``forward`` estimator on orthonormal probe
-#: directions per sample (:data:`FORWARD_PROBES`, :data:`FORWARD_PROBES_WIDE` above
-#: :data:`WIDE_LATENT`), and the exact metric wherever ``m`` is no more than those ``K`` (a full frame
-#: is exact, at the same cost). Chosen by gradient variance per unit time
-#: (benchmarks/results/estimator_choice*.md: an MLP, the DeConvNet28-style conv decoder on the generic
-#: and stream paths, a residual GroupNorm/attention decoder; at initialisation and after regularising
-#: each to MCN 1.5): at m = 16 K = 8 leaves 3-6 times less than K = 4, 15-30 times less than K = 2
-#: and less than the official one-probe recipe; at m = 64 and 256 K = 16 leaves 2-3 times less than
-#: K = 8. K = 2 is the fast setting per step (``n_probes=2``), at 6-16 times the official recipe's
-#: gradient variance per unit time at m = 16 (more at larger m). The VJP (Hutchinson) estimator, best per unit time at m >= 64, needs a double
-#: backward, so ``auto`` never takes it unless one probe is given.
+#: The generic and stream paths' ``auto``, by gradient variance per unit time
+#: (benchmarks/results/estimator_choice*.md: an MLP, the DeConvNet28-style conv decoder on the
+#: generic and stream paths, a residual GroupNorm/attention decoder; at initialisation and after
+#: regularising each to MCN 1.5):
+#:
+#: - ``m <= GENERIC_EXACT_MAX_LATENT``: exact (``m`` tangent streams cost no more than the probes);
+#: - up to :data:`WIDE_LATENT`: ``forward`` on :data:`FORWARD_PROBES` orthonormal directions; at
+#:   m = 16 it leaves 3-6 times less variance per unit time than K = 4, 15-30 times less than K = 2,
+#:   and less than the official recipe and Hutchinson;
+#: - above: Hutchinson with one probe (first order, :func:`isofast.generic.hutchinson_traces`) on the
+#:   stream path, whose kept primal pass makes it about twice as fast as the official recipe per step
+#:   with the same variance (2-6 times less variance per unit time than ``forward`` with K = 16 at
+#:   m = 64 and 256); on the generic path, where forward mode runs the decoder twice for it, above
+#:   :data:`GENERIC_HUTCHINSON_LATENT` only (measured better at m = 256, mostly worse than K = 16
+#:   at m = 64), with ``forward`` on :data:`FORWARD_PROBES_WIDE` directions in between.
+#:
+#: ``n_probes=2`` with ``estimator="forward"`` is the fast setting per step, at 6-16 times the
+#: official recipe's gradient variance per unit time at m = 16 (more at larger m).
 FORWARD_PROBES = 8
 FORWARD_PROBES_WIDE = 16
 WIDE_LATENT = 32
+GENERIC_HUTCHINSON_LATENT = 128
 GENERIC_EXACT_MAX_LATENT = FORWARD_PROBES
 
 
 def auto_forward_probes(m: int) -> int:
-    """``K`` of ``auto``'s forward estimator at latent width ``m``."""
+    """``K`` of the forward estimator at latent width ``m`` (``auto``'s, and the default of an explicit
+    ``estimator="forward"``)."""
     return FORWARD_PROBES if m <= WIDE_LATENT else FORWARD_PROBES_WIDE
+
 
 #: The largest exact pullback metric the generic path builds: ``B m^2`` entries.
 MAX_METRIC_ENTRIES = 2**28
@@ -172,7 +182,8 @@ def _generic_precision(z: Tensor, autocast: torch.dtype | None) -> tuple[str, st
 
 
 def _estimator(
-    estimator: str, measure: str | None, m: int, probes: Tensor | None, n_probes: int | None, fused: bool
+    estimator: str, measure: str | None, m: int, probes: Tensor | None, n_probes: int | None, fused: bool,
+    stream: bool = False,
 ) -> tuple[str, str]:
     if measure in PATH_MEASURES:
         return _path_length_estimator(estimator, probes, n_probes)
@@ -199,11 +210,16 @@ def _estimator(
         elif m <= GENERIC_EXACT_MAX_LATENT:
             chosen, why = "exact", (f"auto (generic): m = {m} <= {GENERIC_EXACT_MAX_LATENT}, the exact metric's {m} tangent "
                                     f"streams cost no more than the forward estimator's {FORWARD_PROBES} and have no variance")
+        elif m > (WIDE_LATENT if stream else GENERIC_HUTCHINSON_LATENT):
+            where = "stream path, whose kept primal pass carries both tangent images" if stream else "generic"
+            chosen, why = "hutchinson", (f"auto ({where}): m = {m} > {WIDE_LATENT if stream else GENERIC_HUTCHINSON_LATENT}, "
+                                         f"Hutchinson with one probe, first order (a plain VJP and a second tangent "
+                                         f"image): the least gradient variance per unit time (isofast.planning)")
         else:
             chosen, why = "forward", (f"auto (generic): m = {m} > {GENERIC_EXACT_MAX_LATENT}, the first-order estimator with "
                                       f"{auto_forward_probes(m)} probe directions, the least gradient variance per unit time "
-                                      f"without a double backward (isofast.planning.auto_forward_probes; n_probes=2 is "
-                                      f"faster per step, with several times the gradient variance per unit time)")
+                                      f"(isofast.planning; n_probes=2 is faster per step, with several times the gradient "
+                                      f"variance per unit time)")
     else:
         chosen, why = estimator, "requested"
     if chosen == "exact" and n_probes is not None:
@@ -316,7 +332,8 @@ def plan(
             raise ValueError(f"pullback_metric is exact; estimator={estimator!r} and probes do not apply")
         chosen, est_why = "exact", "the pullback metric is computed exactly"
     else:
-        chosen, est_why = _estimator(estimator, measure, m, probes, n_probes, spec is not None)
+        stream = spec is None and extract_sequential(decoder)[0] is not None
+        chosen, est_why = _estimator(estimator, measure, m, probes, n_probes, spec is not None, stream)
     default_k = auto_forward_probes(m) if chosen == "forward" else 1
     k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or default_k))
     if chosen == "forward" and k < 2:

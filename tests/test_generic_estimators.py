@@ -89,6 +89,18 @@ def test_auto_on_the_generic_path_and_forward_on_an_mlp():
     assert p.n_probes == isofast.planning.FORWARD_PROBES
     p = isofast.plan(ConvDecoder(wide + 1), torch.randn(4, wide + 1, dtype=torch.float64))
     assert (p.estimator, p.n_probes) == ("forward", isofast.planning.FORWARD_PROBES_WIDE)
+    hutch = isofast.planning.GENERIC_HUTCHINSON_LATENT
+    p = isofast.plan(ConvDecoder(hutch + 1), torch.randn(4, hutch + 1, dtype=torch.float64))
+    assert (p.path, p.estimator, p.n_probes) == ("generic", "hutchinson", 1) and "first order" in p.reasons["estimator"]
+    # The stream path keeps its primal pass for Hutchinson's two tangent images: Hutchinson above WIDE_LATENT.
+    seq = torch.nn.Sequential(torch.nn.Unflatten(1, (wide + 1, 1, 1)), torch.nn.ConvTranspose2d(wide + 1, 2, 3),
+                              torch.nn.ReLU(), torch.nn.Conv2d(2, 1, 2)).double()
+    z = torch.randn(4, wide + 1, dtype=torch.float64)
+    p = isofast.plan(seq, z)
+    assert (p.path, p.estimator, p.n_probes) == ("fused_sequential", "hutchinson", 1)
+    seq_narrow = torch.nn.Sequential(torch.nn.Unflatten(1, (wide, 1, 1)), torch.nn.ConvTranspose2d(wide, 2, 3)).double()
+    p = isofast.plan(seq_narrow, torch.randn(4, wide, dtype=torch.float64))
+    assert (p.estimator, p.n_probes) == ("forward", isofast.planning.FORWARD_PROBES)
     mlp = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
     p = isofast.plan(mlp, torch.randn(4, 3, dtype=torch.float64), estimator="forward", n_probes=3)
     # The stream path carries an MLP's tangent images too, and has the forward estimator.
