@@ -300,7 +300,7 @@ class Carrier:
         for step in spec.steps:
             if step.kind == "act":
                 self.pre.append(x)
-                x = step.act(x)  # type: ignore[misc]
+                x = step.module(x)  # the module's own (native) kernel; its derivatives are recorded below
             else:
                 if type(step.module) in _CHANNELS_LAST and x.device.type == "cpu":
                     x = _channels_last(x)
@@ -326,11 +326,13 @@ class Carrier:
         fresh = False  # rows is a buffer of this pass (not the caller's vectors)
         for step in self.spec.steps:
             if step.kind == "act":
-                slope, streams = next(slopes), rows.unflatten(0, (k, bsz))
-                if fresh and not slope.requires_grad:  # a constant mask: gate in place
-                    streams.mul_(slope)
+                slope = next(slopes)
+                if k == 1 and fresh and not slope.requires_grad:
+                    # a constant mask on this pass's own buffer: in place (on rows itself; through a
+                    # view autograd would clone and copy the rows back in the backward)
+                    rows.mul_(slope)
                 else:
-                    rows, fresh = (streams * slope).flatten(0, 1), True
+                    rows, fresh = (rows.unflatten(0, (k, bsz)) * slope).flatten(0, 1), True
             elif step.kind == "map":
                 rows = step.module(rows)
             else:
