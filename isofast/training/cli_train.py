@@ -45,7 +45,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="global batch size (split across DDP ranks)")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: per dataset; digits 1e-3, MNIST 1e-4)")
     parser.add_argument("--eta", type=_eta, default=0.2, help="mixup extrapolation of the regulariser's codes; 'none' disables mixup")
-    parser.add_argument("--estimator", default="auto", help="isofast estimator: auto, exact, hutchinson")
+    parser.add_argument("--estimator", default="auto", help="isofast estimator: auto, exact, forward, hutchinson")
     parser.add_argument("--n-probes", type=int, default=1, help="Hutchinson probes per sample")
     parser.add_argument("--reg-every", type=int, default=1,
                         help="lazy regularisation: apply the regulariser every k-th step, scaled by k (default 1)")
