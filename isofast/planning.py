@@ -385,7 +385,7 @@ def _shapes(z: Tensor, estimator: str, k: int | None) -> str:
     bsz, latent, m = z.shape[0], tuple(z.shape[1:]), z[0].numel()
     dims = ", ".join(map(str, latent))
     probes = "" if k is None else f", probes ({bsz}, {k}, {dims})"
-    streams = m if estimator == "exact" else k
+    streams = m if estimator == "exact" else 2 * k if estimator == "hutchinson" else k  # type: ignore[operator]
     return f"z ({bsz}, {dims}), m = {m}{probes}, {streams} tangent streams per sample, pullback metric ({bsz}, {m}, {m})"
 
 
@@ -411,14 +411,18 @@ def _generic_plan(decoder: object, z: Tensor, chosen: str, k: int | None, measur
     if seq is not None:
         return Plan("fused_sequential", "torch", chosen, k, measure,
                     {"path": f"fused_sequential: {path_why}",
-                     "backend": "torch: the stream path runs the decoder's own layer ops over B (1 + K) rows",
+                     "backend": ("torch: the stream path runs the decoder's own layer ops over B (1 + K) rows"
+                                 if chosen != "hutchinson" else
+                                 "torch: the stream path keeps one primal pass of the decoder's own layer ops and "
+                                 "carries J v and J (J^T J v) through it (B K rows each), with one plain VJP between"),
                      "estimator": est_why, "shapes": _shapes(z, chosen, k), "precision": prec_why,
                      "ops": _generic_ops(z, chosen, measure, geo)},
                     precision, tuple(z.shape[1:]), seq, probe_distribution=distribution)
     reasons = {
         "path": f"generic: {path_why}",
-        "backend": "torch: the generic path uses torch.func.jvp over batched tangents (primal once per sample); "
-                   "its Gram/trace reductions run as reasons['ops'] says",
+        "backend": ("torch: the generic path uses torch.func.jvp over batched tangents (primal once per sample"
+                    + ("; twice for Hutchinson, whose second tangent J (J^T J v) follows a plain VJP" if chosen == "hutchinson"
+                       else "") + "); its Gram/trace reductions run as reasons['ops'] says"),
         "estimator": est_why,
         "shapes": _shapes(z, chosen, k),
         "ops": _generic_ops(z, chosen, measure, geo),
