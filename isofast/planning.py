@@ -34,17 +34,16 @@ EXACT_MAX_LATENT = 2
 #:
 #: - ``m <= GENERIC_EXACT_MAX_LATENT``: exact (``m`` tangent streams cost no more than the probes);
 #: - up to :data:`WIDE_LATENT`: ``forward`` on :data:`FORWARD_PROBES` orthonormal directions; at
-#:   m = 16 it leaves 3-6 times less variance per unit time than K = 4, 15-30 times less than K = 2,
-#:   and less than the official recipe and Hutchinson;
+#:   m = 16 it leaves 0.35-0.71 times the official recipe's variance per unit time, less than
+#:   Hutchinson on every decoder, while K = 2 leaves 4-20 times the official recipe's;
 #: - above: Hutchinson with one probe (first order, :func:`isofast.generic.hutchinson_traces`) on the
 #:   stream path, whose kept primal pass makes it about twice as fast as the official recipe per step
-#:   with the same variance (2-6 times less variance per unit time than ``forward`` with K = 16 at
+#:   with the same variance (1.6-6 times less variance per unit time than ``forward`` with K = 16 at
 #:   m = 64 and 256); on the generic path, where forward mode runs the decoder twice for it, above
-#:   :data:`GENERIC_HUTCHINSON_LATENT` only (measured better at m = 256, mostly worse than K = 16
-#:   at m = 64), with ``forward`` on :data:`FORWARD_PROBES_WIDE` directions in between.
+#:   :data:`GENERIC_HUTCHINSON_LATENT` only (better at m = 256 on every decoder, worse than K = 16
+#:   on two of three at m = 64), with ``forward`` on :data:`FORWARD_PROBES_WIDE` directions between.
 #:
-#: ``n_probes=2`` with ``estimator="forward"`` is the fast setting per step, at 6-16 times the
-#: official recipe's gradient variance per unit time at m = 16 (more at larger m).
+#: ``n_probes=2`` with ``estimator="forward"`` is the fast setting per step.
 FORWARD_PROBES = 8
 FORWARD_PROBES_WIDE = 16
 WIDE_LATENT = 32

@@ -51,6 +51,11 @@ _AFFINE: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     },
 }
 _CHANNELS_LAST = (nn.Conv2d, nn.ConvTranspose2d)
+#: Linear per-sample maps run unchanged over all rows (every interpolation mode is linear in its input).
+_LINEAR_MAPS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Flatten, nn.Unflatten)
+_INTERPOLATION = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
+SUPPORTED = ("Linear, Conv{1,2,3}d, ConvTranspose{1,2,3}d, Upsample, Flatten, Unflatten, "
+             "an elementwise activation, Identity or inactive Dropout")
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -75,11 +80,6 @@ def _affine(mod: nn.Module, x: Tensor, bias: bool) -> Tensor:
     if bias:
         return mod(x)
     return _AFFINE[type(mod)](mod, x)
-#: Linear per-sample maps run unchanged over all rows (every interpolation mode is linear in its input).
-_LINEAR_MAPS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.Flatten, nn.Unflatten)
-_INTERPOLATION = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
-SUPPORTED = ("Linear, Conv{1,2,3}d, ConvTranspose{1,2,3}d, Upsample, Flatten, Unflatten, "
-             "an elementwise activation, Identity or inactive Dropout")
 
 
 @dataclass(frozen=True)
