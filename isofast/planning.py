@@ -209,6 +209,10 @@ def _estimator(
         elif m <= GENERIC_EXACT_MAX_LATENT:
             chosen, why = "exact", (f"auto (generic): m = {m} <= {GENERIC_EXACT_MAX_LATENT}, the exact metric's {m} tangent "
                                     f"streams cost no more than the forward estimator's {FORWARD_PROBES} and have no variance")
+        elif m > (WIDE_LATENT if stream else GENERIC_HUTCHINSON_LATENT) and torch.compiler.is_compiling():
+            chosen, why = "forward", (f"auto under torch.compile: m = {m}, the first-order estimator with "
+                                      f"{auto_forward_probes(m)} probe directions (Hutchinson, otherwise chosen here, "
+                                      f"calls autograd.grad, which would break the compiled graph)")
         elif m > (WIDE_LATENT if stream else GENERIC_HUTCHINSON_LATENT):
             where = "stream path, whose kept primal pass carries both tangent images" if stream else "generic"
             chosen, why = "hutchinson", (f"auto ({where}): m = {m} > {WIDE_LATENT if stream else GENERIC_HUTCHINSON_LATENT}, "

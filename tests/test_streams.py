@@ -279,3 +279,24 @@ def test_one_pixel_transposed_conv_is_a_matrix_product(mod: nn.Module) -> None:
         assert _affine(mod, x, bias=False).stride(1) == 1
     padded = nn.ConvTranspose2d(3, 4, 3, padding=1).to(F64)
     assert not _pixel_expansion(padded, torch.randn(2, 3, 1, 1, dtype=F64))
+
+
+@pytest.mark.slow
+def test_auto_stays_compilable_above_the_hutchinson_width() -> None:
+    """Above WIDE_LATENT ``auto`` runs Hutchinson eagerly, whose VJP would break a compiled graph:
+    under torch.compile it plans the forward estimator, so fullgraph compilation still works."""
+    m = isofast.planning.WIDE_LATENT + 1
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Unflatten(1, (m, 1, 1)), nn.ConvTranspose2d(m, 3, 2), nn.Softplus(), nn.Conv2d(3, 1, 2))
+    z = torch.randn(4, m, requires_grad=True)
+    assert isofast.plan(dec, z).estimator == "hutchinson"
+    seen: list[str] = []
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        seen.append(isofast.plan(dec, z).estimator)
+        return isofast.relaxed_distortion(dec, z, eta=None)
+
+    value = torch.compile(loss, fullgraph=True)(z)
+    assert seen[-1] == "forward" and torch.isfinite(value)
+    value.backward()
+    assert all(torch.isfinite(p.grad).all() for p in dec.parameters())
