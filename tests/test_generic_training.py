@@ -23,12 +23,12 @@ def _inputs(dtype=torch.float64):
     return z, torch.randn(GLOBAL_BATCH, K, 4, generator=g, dtype=dtype)
 
 
-def _loss(decoder, z, probes):
-    return isofast.relaxed_distortion(decoder, z, eta=None, estimator="forward", probes=probes)
+def _loss(decoder, z, probes, estimator="forward"):
+    return isofast.relaxed_distortion(decoder, z, eta=None, estimator=estimator, probes=probes)
 
 
-def _step(decoder, z, probes, loss_fn=_loss):
-    loss = loss_fn(decoder, z, probes)
+def _step(decoder, z, probes, loss_fn=_loss, estimator="forward"):
+    loss = loss_fn(decoder, z, probes, estimator)
     return loss, torch.autograd.grad(loss, list(decoder.parameters()))
 
 
@@ -49,7 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, estimator: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -57,7 +57,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         dec = ConvDecoder(4)
         ddp = torch.nn.parallel.DistributedDataParallel(dec)
         z, probes = (t.chunk(WORLD)[rank] for t in _inputs())
-        loss = isofast.relaxed_distortion(ddp, z, eta=None, estimator="forward", probes=probes, sync=True)
+        loss = isofast.relaxed_distortion(ddp, z, eta=None, estimator=estimator, probes=probes, sync=True)
         loss.backward()
         if rank == 0:
             torch.save({"loss": loss.detach(), "grads": [p.grad for p in dec.parameters()]}, out)
@@ -66,11 +66,14 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_step_equals_single_process_step_on_global_batch(tmp_path):
+@pytest.mark.parametrize("estimator", ["forward", "hutchinson"])
+def test_ddp_step_equals_single_process_step_on_global_batch(tmp_path, estimator):
+    """Both first-order estimators; Hutchinson runs the decoder's forward twice and takes a plain
+    VJP inside the DDP module's step."""
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), out, estimator), nprocs=WORLD, join=True)
     got = torch.load(out, weights_only=True)
-    loss, grads = _step(ConvDecoder(4), *_inputs())
+    loss, grads = _step(ConvDecoder(4), *_inputs(), estimator=estimator)
     torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-10, atol=0)
     for g, w in zip(got["grads"], grads):
         # DDP averages gradients over ranks; the synced loss makes that the global-batch gradient
