@@ -3,9 +3,6 @@ torch.compile(fullgraph=True) (its backward compiled by AOTAutograd) matches eag
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -43,16 +40,10 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out: str, estimator: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, store: str, out: str, estimator: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a file store in the test's own folder: no TCP port that another test may still hold
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         dec = ConvDecoder(4)
         ddp = torch.nn.parallel.DistributedDataParallel(dec)
@@ -71,7 +62,7 @@ def test_ddp_step_equals_single_process_step_on_global_batch(tmp_path, estimator
     """Both first-order estimators; Hutchinson runs the decoder's forward twice and takes a plain
     VJP inside the DDP module's step."""
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(_free_port(), out, estimator), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), out, estimator), nprocs=WORLD, join=True)
     got = torch.load(out, weights_only=True)
     loss, grads = _step(ConvDecoder(4), *_inputs(), estimator=estimator)
     torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-10, atol=0)
