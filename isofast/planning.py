@@ -335,7 +335,9 @@ def plan(
             raise ValueError(f"pullback_metric is exact; estimator={estimator!r} and probes do not apply")
         chosen, est_why = "exact", "the pullback metric is computed exactly"
     else:
-        stream = spec is None and extract_sequential(decoder)[0] is not None
+        # auto tells the stream path from the generic one only above WIDE_LATENT: recognise it only then
+        stream = (estimator == "auto" and probes is None and m > WIDE_LATENT and spec is None
+                  and extract_sequential(decoder)[0] is not None)
         chosen, est_why = _estimator(estimator, measure, m, probes, n_probes, spec is not None, stream)
     default_k = auto_forward_probes(m) if chosen == "forward" else 1
     k = None if chosen == "exact" else (probes.shape[1] if probes is not None else (n_probes or default_k))
